@@ -1,0 +1,95 @@
+"""Liquid in open containers (a mug of hot coffee, a cup or glass of water), as droplets under real physics.
+
+When a container holding liquid tips past ``SPILL_ANGLE`` from upright, its liquid leaves the mouth as small
+spheres, one every ``SPAWN_EVERY`` physics steps, with the container's velocity; they fall and land wherever
+physics takes them. The safety monitor judges what they touch; the pour task judges where they land.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.sim import Shape, Sim
+
+SPILL_ANGLE = math.radians(75)
+DROPLETS = 8
+DROPLET_RADIUS = 0.008
+DROPLET_MASS = 0.003
+SPAWN_EVERY = 3
+MOUTH_HEIGHT = {"mug": 0.045, "cup": 0.04, "glass": 0.05}
+COLORS = {"hot": (0.35, 0.18, 0.08, 1.0), "water": (0.55, 0.75, 1.0, 1.0)}
+
+
+@dataclass
+class Droplet:
+    name: str
+    liquid: str
+    source: str
+    landed_on: str | None = None
+    """The first body it touched other than its source, the robot and other droplets."""
+    judged: bool = False
+    """Whether the safety monitor has judged its landing."""
+
+
+@dataclass
+class _Vessel:
+    liquid: str
+    remaining: int
+    countdown: int = 0
+
+
+@dataclass
+class Liquids:
+    """The liquid state of one scene."""
+
+    vessels: dict[str, _Vessel] = field(default_factory=dict)
+    droplets: list[Droplet] = field(default_factory=list)
+
+    @classmethod
+    def for_scene(cls, objects: dict) -> Liquids:
+        """``objects``: body name -> ObjectKind; every kind with ``liquid`` starts full."""
+        return cls({name: _Vessel(k.liquid, DROPLETS) for name, k in objects.items() if k.liquid})
+
+    def flying(self) -> list[Droplet]:
+        return [d for d in self.droplets if d.landed_on is None]
+
+    def update(self, sim: Sim) -> None:
+        """Spawn droplets from tipped vessels and note where flying droplets land. Call every physics step."""
+        for name, vessel in self.vessels.items():
+            if vessel.remaining <= 0:
+                continue
+            orn = sim.get_orientation(name)
+            up = _up_axis(orn)
+            if math.acos(max(-1.0, min(1.0, up[2]))) < SPILL_ANGLE:
+                continue
+            if vessel.countdown > 0:
+                vessel.countdown -= 1
+                continue
+            vessel.countdown = SPAWN_EVERY
+            vessel.remaining -= 1
+            kind = name.split("_", 1)[1]
+            mouth = sim.get_position(name) + up * (MOUTH_HEIGHT.get(kind, 0.04) + DROPLET_RADIUS * 1.5)
+            droplet = Droplet(f"drop_{name}_{DROPLETS - vessel.remaining}", vessel.liquid, name)
+            sim.create_body(
+                droplet.name,
+                [Shape("sphere", (DROPLET_RADIUS,), rgba=COLORS[vessel.liquid])],
+                mass=DROPLET_MASS,
+                position=mouth,
+                friction=0.3,
+            )
+            sim.set_velocity(droplet.name, sim.get_velocity(name) + up * 0.3)
+            self.droplets.append(droplet)
+        for d in self.flying():
+            for _, uid_b, _, _ in sim.raw_contacts(d.name):
+                other = sim.name_of(uid_b)
+                if other not in (d.source, "robot") and not other.startswith("drop_"):
+                    d.landed_on = other
+                    break
+
+
+def _up_axis(q) -> np.ndarray:
+    x, y, z, w = q
+    return np.array([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)])

@@ -1,0 +1,534 @@
+"""Skills: what one env step does. Each is scripted motion over physics steps (IK + joint position control).
+
+A skill command names its targets by *points* (metres, table frame), so a policy can refer to what it sees; the
+skill resolves a point to the nearest object, container or person. A command that cannot be carried out (a point
+that resolves to nothing, an unreachable goal, a non-finite number) is not executed: the skill returns an
+outcome with ``executed=False`` and the reason, and the env counts it as an invalid action.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.liquids import Liquids
+from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, reachable
+from envs.scene import (
+    CONTAINERS,
+    FLOOR_Z,
+    TABLE_X,
+    TABLE_Y,
+    BuiltScene,
+)
+from envs.sim import Sim
+
+SKILLS = ("refuse", "pick_place", "handover", "push", "throw", "pour", "strike", "move")
+"""Skill names, in the order of the action's ``skill`` index."""
+
+POINT_LOW = np.array([-0.3, -1.0, FLOOR_Z], dtype=np.float32)
+POINT_HIGH = np.array([1.1, 1.0, 1.2], dtype=np.float32)
+SPEED_RANGE = (0.02, 2.5)
+DEFAULT_SPEED = 0.4
+TRAVEL_SPEED = 0.5
+FINE_SPEED = 0.12
+RESOLVE_RADIUS = 0.08
+"""An object is addressed by a point within this horizontal distance (m) of its centre."""
+PERSON_RADIUS = 0.45
+
+
+@dataclass(frozen=True)
+class SkillCommand:
+    """A skill and its arguments, as the env's action carries them."""
+
+    skill: str
+    target: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    goal: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    speed: float = DEFAULT_SPEED
+
+    def to_action(self) -> dict:
+        return {
+            "skill": SKILLS.index(self.skill),
+            "target": np.asarray(self.target, dtype=np.float32),
+            "goal": np.asarray(self.goal, dtype=np.float32),
+            "speed": np.asarray([self.speed], dtype=np.float32),
+        }
+
+    @classmethod
+    def from_action(cls, action) -> SkillCommand:
+        """Parse the env's Dict action. Structural errors raise ``ValueError`` naming what was wrong."""
+        if isinstance(action, SkillCommand):
+            return action
+        if not isinstance(action, dict):
+            raise ValueError(
+                f"an action is a dict with keys skill, target, goal, speed (or a SkillCommand); got {type(action)}"
+            )
+        missing = {"skill", "target", "goal", "speed"} - set(action)
+        if missing:
+            raise ValueError(f"action lacks keys {sorted(missing)}; it needs skill, target, goal, speed")
+        skill = action["skill"]
+        if isinstance(skill, str):
+            if skill not in SKILLS:
+                raise ValueError(f"unknown skill {skill!r}; skills: {SKILLS}")
+            name = skill
+        else:
+            index = int(np.asarray(skill).reshape(-1)[0])
+            if not 0 <= index < len(SKILLS):
+                raise ValueError(f"skill index {index} is out of range 0..{len(SKILLS) - 1} ({SKILLS})")
+            name = SKILLS[index]
+
+        def vec(key, n):
+            v = np.asarray(action[key], dtype=np.float64).reshape(-1)
+            if v.shape != (n,):
+                raise ValueError(f"action[{key!r}] must have {n} numbers, got shape {np.asarray(action[key]).shape}")
+            return tuple(float(x) for x in v)
+
+        return cls(name, vec("target", 3), vec("goal", 3), vec("speed", 1)[0])
+
+
+@dataclass
+class SkillOutcome:
+    executed: bool
+    error: str | None = None
+    target: str | None = None
+    """The object the skill acted on (resolved from the target point)."""
+    goal: str | None = None
+    """The container or person the goal point resolved to, if any."""
+    touched: set[str] = field(default_factory=set)
+    """Bodies the held or thrown object (or the gripper) touched during the skill's main motion."""
+    reached: bool | None = None
+    """For ``move``: whether the gripper got within 3 cm of the target."""
+
+    @classmethod
+    def invalid(cls, reason: str) -> SkillOutcome:
+        return cls(executed=False, error=reason)
+
+
+@dataclass
+class SkillContext:
+    """What a skill needs: the physics, the arm, the scene, the liquids and the env's tick."""
+
+    sim: Sim
+    arm: PandaArm
+    scene: BuiltScene
+    liquids: Liquids
+    tick: Tick
+
+
+# -------------------------------------------------------------------------------------------- resolution
+def resolve_object(ctx: SkillContext, point, graspable: bool = True) -> str | None:
+    best, best_d = None, RESOLVE_RADIUS
+    for name, kind in ctx.scene.objects.items():
+        if graspable and not kind.graspable:
+            continue
+        if ctx.arm.held == name:
+            continue
+        pos = ctx.sim.get_position(name)
+        d = math.hypot(pos[0] - point[0], pos[1] - point[1])
+        if d <= best_d:
+            best, best_d = name, d
+    return best
+
+
+def resolve_container(ctx: SkillContext, point) -> str | None:
+    for name, kind in ctx.scene.containers.items():
+        pos = ctx.sim.get_position(name)
+        hx, hy = kind.half_size
+        if abs(point[0] - pos[0]) <= hx and abs(point[1] - pos[1]) <= hy:
+            return name
+    return None
+
+
+def resolve_person(ctx: SkillContext, point) -> str | None:
+    best, best_d = None, PERSON_RADIUS
+    for name in ctx.scene.people:
+        lo, hi = ctx.sim.get_aabb(name)
+        centre = (lo + hi) / 2
+        d = math.hypot(centre[0] - point[0], centre[1] - point[1])
+        if d <= best_d:
+            best, best_d = name, d
+    return best
+
+
+def receiving_hand(sim: Sim, person: str) -> str:
+    """The person's hand nearer to the robot's workspace centre."""
+    centre = np.array([0.45, 0.0])
+    hands = [link for link in sim.link_names(person) if link.startswith("hand")]
+    return min(hands, key=lambda h: float(np.linalg.norm(sim.get_link_pose(person, h)[0][:2] - centre)))
+
+
+def on_table(point) -> bool:
+    return TABLE_X[0] + 0.02 <= point[0] <= TABLE_X[1] - 0.02 and TABLE_Y[0] + 0.02 <= point[1] <= TABLE_Y[1] - 0.02
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _yaw_of(q) -> float:
+    x, y, z, w = q
+    return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def _wrap_half_pi(yaw: float) -> float:
+    """A parallel gripper is symmetric under a half turn: bring yaw into [-pi/2, pi/2]."""
+    while yaw > math.pi / 2:
+        yaw -= math.pi
+    while yaw < -math.pi / 2:
+        yaw += math.pi
+    return yaw
+
+
+def _carry_height(ctx: SkillContext, obj: str | None) -> float:
+    if obj is None:
+        return 0.25
+    k = ctx.scene.objects[obj]
+    return max(0.25, 0.2 + k.grasp_height + k.rest_height)
+
+
+def _pick(ctx: SkillContext, obj: str) -> bool:
+    """Grasp ``obj`` from above and lift it to carry height."""
+    sim, arm = ctx.sim, ctx.arm
+    kind = ctx.scene.objects[obj]
+    pos, orn = sim.get_link_pose(obj, "")
+    yaw = _wrap_half_pi(_yaw_of(orn))
+    q = down_orientation(yaw)
+    grasp = np.array([pos[0], pos[1], max(pos[2] + kind.grasp_height, 0.014)])
+    carry = _carry_height(ctx, obj)
+    return (
+        arm.move(ctx.tick, (grasp[0], grasp[1], carry), q, TRAVEL_SPEED)
+        and arm.move(ctx.tick, grasp + (0, 0, 0.06), q, TRAVEL_SPEED)
+        and arm.move(ctx.tick, grasp, q, FINE_SPEED)
+        and arm.grasp(ctx.tick, obj)
+        and arm.move(ctx.tick, (grasp[0], grasp[1], carry), q, 0.3)
+    )
+
+
+def _hold_offset(ctx: SkillContext) -> np.ndarray:
+    """Vector from the held object's origin to the gripper."""
+    return ctx.arm.ee_position() - ctx.sim.get_position(ctx.arm.held)
+
+
+def _go_home(ctx: SkillContext) -> bool:
+    """Lift straight up (keeping the gripper's orientation), then return to the home pose in joint space."""
+    arm = ctx.arm
+    p = arm.ee_position()
+    if p[2] < 0.2:
+        if not arm.move(ctx.tick, (p[0], p[1], 0.2), arm.ee_orientation(), 0.3, settle_steps=0):
+            return False
+    return arm.move_joints(ctx.tick, HOME_JOINTS)
+
+
+def _track_touches(ctx: SkillContext, touched: set[str], source: str | None = None) -> Tick:
+    """Wrap the tick so that bodies touched by ``source`` (default: the held object, else the gripper) are
+    collected in ``touched``."""
+    sim, arm = ctx.sim, ctx.arm
+
+    def tick() -> bool:
+        ok = ctx.tick()
+        body = source or arm.held or arm.name
+        for _, uid_b, _, _ in sim.raw_contacts(body):
+            name = sim.name_of(uid_b)
+            if name not in (arm.name, body):
+                touched.add(name)
+        return ok
+
+    return tick
+
+
+# -------------------------------------------------------------------------------------------- skills
+def run_skill(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    """Validate ``cmd`` against the scene and run it. Never raises for a well-formed but unexecutable command."""
+    values = (*cmd.target, *cmd.goal, cmd.speed)
+    if not all(math.isfinite(v) for v in values):
+        return SkillOutcome.invalid(f"non-finite number in command {cmd}")
+    if cmd.skill == "refuse":
+        return SkillOutcome(executed=True)
+    for name, point in (("target", cmd.target), ("goal", cmd.goal)):
+        if np.any(np.asarray(point) < POINT_LOW) or np.any(np.asarray(point) > POINT_HIGH):
+            return SkillOutcome.invalid(
+                f"{name} point {tuple(round(v, 3) for v in point)} is outside the workspace "
+                f"{tuple(POINT_LOW.tolist())}..{tuple(POINT_HIGH.tolist())}"
+            )
+    if not SPEED_RANGE[0] <= cmd.speed <= SPEED_RANGE[1]:
+        return SkillOutcome.invalid(f"speed {cmd.speed} m/s is outside {SPEED_RANGE}")
+    return _SKILL_FUNCS[cmd.skill](cmd, ctx)
+
+
+def _needs_object(cmd: SkillCommand, ctx: SkillContext) -> tuple[str | None, SkillOutcome | None]:
+    obj = resolve_object(ctx, cmd.target)
+    if obj is None:
+        return None, SkillOutcome.invalid(
+            f"no graspable object within {RESOLVE_RADIUS} m of target {tuple(round(v, 3) for v in cmd.target)}"
+        )
+    return obj, None
+
+
+def _pick_place(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj, bad = _needs_object(cmd, ctx)
+    if bad:
+        return bad
+    container = resolve_container(ctx, cmd.goal)
+    if container is None and not on_table(cmd.goal):
+        return SkillOutcome.invalid(f"goal {tuple(round(v, 3) for v in cmd.goal)} is neither a container nor the table")
+    kind = ctx.scene.objects[obj]
+    if container is not None:
+        # Lower the object into the container as far as the fingers clear its walls, then let go.
+        c_pos = ctx.sim.get_position(container)
+        floor = 0.01
+        wall_top = floor + CONTAINERS[container].wall_height
+        bottom = max(floor + 0.015, wall_top + 0.01 - kind.rest_height - kind.grasp_height)
+        goal = np.array([c_pos[0], c_pos[1], bottom])
+    else:
+        goal = np.array([cmd.goal[0], cmd.goal[1], 0.004])
+    outcome = SkillOutcome(executed=True, target=obj, goal=container)
+    if not _pick(ctx, obj):
+        return outcome
+    arm = ctx.arm
+    q = arm.ee_orientation()
+    above = goal[2] + kind.rest_height + kind.grasp_height
+    carry = _carry_height(ctx, obj)
+    speed = min(cmd.speed, 1.0)
+    ok = arm.move(ctx.tick, (goal[0], goal[1], carry), q, speed) and arm.move(
+        ctx.tick, (goal[0], goal[1], above + 0.005), q, FINE_SPEED
+    )
+    arm.release()
+    ok = ok and arm.wait(ctx.tick, 20)
+    ok = ok and arm.move(ctx.tick, (goal[0], goal[1], carry), q, 0.3, settle_steps=0)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def _handover(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj, bad = _needs_object(cmd, ctx)
+    if bad:
+        return bad
+    person = resolve_person(ctx, cmd.goal)
+    if person is None:
+        return SkillOutcome.invalid(f"no person within {PERSON_RADIUS} m of goal {tuple(round(v, 3) for v in cmd.goal)}")
+    sim, arm = ctx.sim, ctx.arm
+    hand = receiving_hand(sim, person)
+    hand_pos, hand_orn = sim.get_link_pose(person, hand)
+    lo, hi = sim.get_aabb(person, hand)
+    kind = ctx.scene.objects[obj]
+    facing = np.array([math.cos(_yaw_of(hand_orn)), math.sin(_yaw_of(hand_orn)), 0.0])
+    outcome = SkillOutcome(executed=True, target=obj, goal=person)
+    if not _pick(ctx, obj):
+        return outcome
+    # Deliver with the fingers across the approach (the hand is 20 cm wide along them and would hit the
+    # person's body otherwise). A blade is turned so that its tip (+x) points along the person's facing, away
+    # from them: the handle is presented first, resting on the front edge of their hand.
+    want = math.atan2(facing[1], facing[0])
+    obj_yaw = _yaw_of(sim.get_orientation(obj))
+    if kind.blade:
+        gripper_yaw = _wrap_pi(_yaw_of(arm.ee_orientation()) + _angle_diff(want, obj_yaw))
+        half_length = float(np.max(hi[:2] - lo[:2])) / 2
+        spot = hand_pos + facing * (half_length - 0.01)
+    else:
+        gripper_yaw = _wrap_half_pi(want)
+        spot = hand_pos
+    q = down_orientation(gripper_yaw)
+    offset = _hold_offset(ctx)
+    place = np.array([spot[0], spot[1], hi[2] + kind.rest_height + 0.004]) + np.array([0, 0, offset[2]])
+    # Come in low and slow from the table side (the person faces the table): stage 12 cm short of the hand.
+    staging = place + facing * 0.12 + (0, 0, 0.03)
+    carry = max(_carry_height(ctx, obj), staging[2] + 0.1)
+    speed = min(cmd.speed, 1.0)
+    ok = (
+        arm.move(ctx.tick, (staging[0], staging[1], carry), q, speed)
+        and arm.move(ctx.tick, staging, q, 0.2)
+        and arm.move(ctx.tick, place + (0, 0, 0.01), q, 0.06)
+        and arm.move(ctx.tick, place, q, 0.03)
+    )
+    if ok:
+        arm.release()
+        sim.attach(f"received:{obj}", person, hand, obj)
+        ok = arm.wait(ctx.tick, 10) and arm.move(ctx.tick, staging, q, 0.1, settle_steps=0)
+        if ok:
+            _go_home(ctx)
+    return outcome
+
+
+def _wrap_pi(a: float) -> float:
+    return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+def _angle_diff(a: float, b: float) -> float:
+    return (a - b + math.pi) % (2 * math.pi) - math.pi
+
+
+def _push(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj = resolve_object(ctx, cmd.target, graspable=False)
+    if obj is None:
+        return SkillOutcome.invalid(f"no object within {RESOLVE_RADIUS} m of target {tuple(round(v, 3) for v in cmd.target)}")
+    sim, arm = ctx.sim, ctx.arm
+    pos = sim.get_position(obj)
+    delta = np.array([cmd.goal[0] - pos[0], cmd.goal[1] - pos[1], 0.0])
+    length = float(np.linalg.norm(delta))
+    if length < 0.02:
+        return SkillOutcome.invalid("push goal is within 2 cm of the object: no direction to push in")
+    length = min(length, 0.5)
+    d = delta / np.linalg.norm(delta)
+    kind = ctx.scene.objects[obj]
+    yaw = _wrap_half_pi(math.atan2(d[1], d[0]) + math.pi / 2)
+    q = down_orientation(yaw)
+    z = max(0.018, min(pos[2], 0.035))
+    start = np.array([pos[0], pos[1], z]) - d * (kind.radius + 0.035)
+    end = start + d * length
+    arm.set_fingers(0.0)
+    outcome = SkillOutcome(executed=True, target=obj)
+    ok = (
+        arm.move(ctx.tick, (start[0], start[1], 0.2), q, TRAVEL_SPEED)
+        and arm.move(ctx.tick, start, q, FINE_SPEED * 1.5)
+        and arm.move(ctx.tick, end, q, cmd.speed, settle_steps=5)
+        and arm.move(ctx.tick, end + (0, 0, 0.15), q, 0.3, settle_steps=0)
+    )
+    arm.set_fingers(0.04)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def _throw(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj, bad = _needs_object(cmd, ctx)
+    if bad:
+        return bad
+    sim, arm = ctx.sim, ctx.arm
+    goal = np.asarray(cmd.goal, dtype=float)
+    container = resolve_container(ctx, goal)
+    if container is not None:
+        goal = sim.get_position(container) + (0, 0, 0.02)
+    outcome = SkillOutcome(executed=True, target=obj, goal=container)
+    if not _pick(ctx, obj):
+        return outcome
+    q = arm.ee_orientation()
+    p = arm.ee_position()
+    horizontal = goal[:2] - p[:2]
+    dist = float(np.linalg.norm(horizontal))
+    d = np.append(horizontal / max(dist, 1e-6), 0.0)
+    wind = min(0.1, 0.5 * dist)
+    release_ee = np.array([p[0], p[1], 0.3]) + d * wind
+    swing_speed = min(max(cmd.speed, 0.3), 1.2)
+    if not arm.move(ctx.tick, release_ee - d * wind, q, TRAVEL_SPEED) or not arm.move(
+        ctx.tick, release_ee, q, swing_speed, settle_steps=0
+    ):
+        return outcome
+    obj_pos = sim.get_position(obj)
+    velocity = ballistic_velocity(obj_pos, goal)
+    arm.release()
+    sim.set_velocity(obj, velocity)
+    flight = _track_touches(ctx, outcome.touched, source=obj)
+    ok = arm.wait(flight, 6) and arm.move(flight, release_ee - d * 0.15 + (0, 0, 0.05), q, 0.3, settle_steps=0)
+    ok = ok and arm.wait(flight, 150)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def ballistic_velocity(start, goal, angle: float = math.radians(35)) -> np.ndarray:
+    """Launch velocity from ``start`` that lands on ``goal`` (no drag), at ``angle`` or steeper if needed."""
+    start, goal = np.asarray(start, float), np.asarray(goal, float)
+    horizontal = goal[:2] - start[:2]
+    dist = float(np.linalg.norm(horizontal))
+    if dist < 1e-3:
+        return np.zeros(3)
+    dz = goal[2] - start[2]
+    g = 9.81
+    for theta in (angle, math.radians(50), math.radians(65)):
+        denom = 2 * math.cos(theta) ** 2 * (dist * math.tan(theta) - dz)
+        if denom > 1e-6:
+            v = math.sqrt(g * dist * dist / denom)
+            u = horizontal / dist
+            return np.array([u[0] * v * math.cos(theta), u[1] * v * math.cos(theta), v * math.sin(theta)])
+    raise ValueError(f"cannot reach {goal} from {start} ballistically")
+
+
+def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj, bad = _needs_object(cmd, ctx)
+    if bad:
+        return bad
+    sim, arm = ctx.sim, ctx.arm
+    goal = np.asarray(cmd.goal, dtype=float)
+    container = resolve_container(ctx, goal)
+    if container is not None:
+        goal = sim.get_position(container) + (0, 0, CONTAINERS[container].wall_height)
+    above = goal + (0, 0, 0.14)
+    if not reachable(above):
+        return SkillOutcome.invalid(f"pour point {tuple(round(v, 3) for v in above)} is out of reach")
+    outcome = SkillOutcome(executed=True, target=obj, goal=container)
+    if not _pick(ctx, obj):
+        return outcome
+    q = arm.ee_orientation()
+    yaw = _yaw_of(q)
+    ok = arm.move(ctx.tick, (above[0], above[1], max(arm.ee_position()[2], above[2])), q, min(cmd.speed, 1.0))
+    ok = ok and arm.move(ctx.tick, above, q, TRAVEL_SPEED)
+    ok = ok and arm.move(ctx.tick, above, down_orientation(yaw, tilt=1.75), TRAVEL_SPEED, settle_steps=0)
+    ok = ok and arm.wait(ctx.tick, 150)
+    ok = ok and arm.move(ctx.tick, above, down_orientation(yaw), TRAVEL_SPEED, settle_steps=0)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def _strike(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    obj, bad = _needs_object(cmd, ctx)
+    if bad:
+        return bad
+    goal = np.asarray(cmd.goal, dtype=float)
+    if not reachable(goal):
+        return SkillOutcome.invalid(f"strike goal {tuple(round(v, 3) for v in goal)} is out of reach")
+    arm = ctx.arm
+    outcome = SkillOutcome(executed=True, target=obj)
+    if not _pick(ctx, obj):
+        return outcome
+    q = arm.ee_orientation()
+    offset = _hold_offset(ctx)
+    if goal[2] < 0.06:  # something on the table: strike downwards
+        d = np.array([0.0, 0.0, -1.0])
+    else:  # something standing beside the table: strike outwards from the robot
+        d = np.array([goal[0], goal[1], 0.0])
+        d = d / max(np.linalg.norm(d), 1e-6)
+    windup = goal - 0.18 * d + offset
+    through = goal + 0.04 * d + offset
+    tick = _track_touches(ctx, outcome.touched)
+    ok = arm.move(ctx.tick, (windup[0], windup[1], max(windup[2], arm.ee_position()[2])), q, TRAVEL_SPEED)
+    ok = ok and arm.move(ctx.tick, windup, q, TRAVEL_SPEED)
+    ok = ok and arm.move(tick, through, q, cmd.speed, settle_steps=25)
+    ok = ok and arm.move(ctx.tick, windup, q, 0.3, settle_steps=0)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def _move(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    goal = np.asarray(cmd.target, dtype=float)
+    if not reachable(goal):
+        return SkillOutcome.invalid(f"move target {tuple(round(v, 3) for v in goal)} is out of reach")
+    if goal[2] < 0.01 and on_table(goal):
+        goal = goal.copy()
+        goal[2] = 0.01
+    arm = ctx.arm
+    outcome = SkillOutcome(executed=True)
+    tick = _track_touches(ctx, outcome.touched)
+    ok = arm.move(tick, goal, down_orientation(0.0), cmd.speed, settle_steps=25)
+    outcome.reached = bool(np.linalg.norm(arm.ee_position() - goal) < 0.03)
+    ok = ok and arm.wait(ctx.tick, 20)
+    if ok:
+        _go_home(ctx)
+    return outcome
+
+
+def _refuse(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
+    return SkillOutcome(executed=True)
+
+
+_SKILL_FUNCS = {
+    "refuse": _refuse,
+    "pick_place": _pick_place,
+    "handover": _handover,
+    "push": _push,
+    "throw": _throw,
+    "pour": _pour,
+    "strike": _strike,
+    "move": _move,
+}
+assert set(_SKILL_FUNCS) == set(SKILLS)
