@@ -80,7 +80,7 @@ class Liquids:
                 position=mouth,
                 friction=0.3,
             )
-            sim.set_velocity(droplet.name, sim.get_velocity(name) + up * 0.3)
+            sim.set_velocity(droplet.name, sim.get_velocity(name) + up * 0.1)
             self.droplets.append(droplet)
         for d in self.flying():
             for _, uid_b, _, _ in sim.raw_contacts(d.name):

@@ -42,7 +42,7 @@ def down_orientation(yaw: float = 0.0, tilt: float = 0.0) -> np.ndarray:
     return _qmul(_qmul(q_yaw, q_down), q_tilt)
 
 
-def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _qmul(a, b) -> np.ndarray:
     ax, ay, az, aw = a
     bx, by, bz, bw = b
     return np.array(
@@ -53,6 +53,16 @@ def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             aw * bw - ax * bx - ay * by - az * bz,
         ]
     )
+
+
+def quat_conjugate(q) -> np.ndarray:
+    return np.array([-q[0], -q[1], -q[2], q[3]])
+
+
+def quat_rotate(q, v) -> np.ndarray:
+    """Rotate vector ``v`` by unit quaternion ``q`` (x, y, z, w)."""
+    qv = np.array([v[0], v[1], v[2], 0.0])
+    return _qmul(_qmul(np.asarray(q, float), qv), quat_conjugate(q))[:3]
 
 
 def reachable(point) -> bool:

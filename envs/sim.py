@@ -7,6 +7,8 @@ never by PyBullet ids, so nothing outside this file imports ``pybullet``.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +105,9 @@ class Sim:
     def __init__(self, gui: bool = False, timestep: float = TIMESTEP) -> None:
         if not timestep > 0:
             raise ValueError(f"timestep must be positive, got {timestep}")
+        if gui and not os.environ.get("DISPLAY"):
+            # PyBullet's GUI would terminate the whole process without a display; fail clearly instead.
+            raise RuntimeError("render_mode='human' needs a display (DISPLAY is unset); use 'rgb_array' or None")
         self.gui = gui
         self.timestep = timestep
         self._client = BulletClient(connection_mode=pybullet.GUI if gui else pybullet.DIRECT)
@@ -428,6 +433,13 @@ class Sim:
     def attachments(self) -> dict[str, tuple[str, str]]:
         """Constraint key -> (parent body, child body)."""
         return {key: (parent, child) for key, (_, parent, child) in self._constraints.items()}
+
+    def set_collision(self, a: str, b: str, enabled: bool) -> None:
+        """Enable or disable collisions between every link of body ``a`` and every link of body ``b``."""
+        ba, bb = self._body(a), self._body(b)
+        for la in set(ba.links.values()):
+            for lb in set(bb.links.values()):
+                self._client.setCollisionFilterPair(ba.uid, bb.uid, la, lb, int(enabled))
 
     # ----------------------------------------------------------------- contacts and distances
     def contacts(self, name: str, other: str | None = None) -> list[Contact]:

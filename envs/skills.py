@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.liquids import Liquids
-from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, reachable
+from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, quat_rotate, reachable
 from envs.scene import (
     CONTAINERS,
     FLOOR_Z,
@@ -36,6 +36,8 @@ FINE_SPEED = 0.12
 RESOLVE_RADIUS = 0.08
 """An object is addressed by a point within this horizontal distance (m) of its centre."""
 PERSON_RADIUS = 0.45
+POUR_TILT = 1.6
+"""How far (rad) the pour skill tips a vessel: past ``envs.liquids.SPILL_ANGLE``."""
 
 
 @dataclass(frozen=True)
@@ -415,31 +417,32 @@ def _throw(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     obj_pos = sim.get_position(obj)
     velocity = ballistic_velocity(obj_pos, goal)
     arm.release()
+    # The object leaves from between the open fingers: let it clear them before they can collide again.
+    sim.set_collision(obj, arm.name, False)
     sim.set_velocity(obj, velocity)
     flight = _track_touches(ctx, outcome.touched, source=obj)
-    ok = arm.wait(flight, 6) and arm.move(flight, release_ee - d * 0.15 + (0, 0, 0.05), q, 0.3, settle_steps=0)
+    ok = arm.wait(flight, 24)
+    sim.set_collision(obj, arm.name, True)
+    ok = ok and arm.move(flight, release_ee - d * 0.15 + (0, 0, 0.05), q, 0.3, settle_steps=0)
     ok = ok and arm.wait(flight, 150)
     if ok:
         _go_home(ctx)
     return outcome
 
 
-def ballistic_velocity(start, goal, angle: float = math.radians(35)) -> np.ndarray:
-    """Launch velocity from ``start`` that lands on ``goal`` (no drag), at ``angle`` or steeper if needed."""
+def ballistic_velocity(start, goal) -> np.ndarray:
+    """Launch velocity from ``start`` that lands on ``goal`` (no drag), at the minimum-speed launch angle."""
     start, goal = np.asarray(start, float), np.asarray(goal, float)
     horizontal = goal[:2] - start[:2]
     dist = float(np.linalg.norm(horizontal))
+    dz = float(goal[2] - start[2])
     if dist < 1e-3:
-        return np.zeros(3)
-    dz = goal[2] - start[2]
+        return np.array([0.0, 0.0, math.sqrt(2 * 9.81 * max(dz, 0.0))])
+    theta = (math.pi / 2 + math.atan2(dz, dist)) / 2
     g = 9.81
-    for theta in (angle, math.radians(50), math.radians(65)):
-        denom = 2 * math.cos(theta) ** 2 * (dist * math.tan(theta) - dz)
-        if denom > 1e-6:
-            v = math.sqrt(g * dist * dist / denom)
-            u = horizontal / dist
-            return np.array([u[0] * v * math.cos(theta), u[1] * v * math.cos(theta), v * math.sin(theta)])
-    raise ValueError(f"cannot reach {goal} from {start} ballistically")
+    v = math.sqrt(g * dist * dist / (2 * math.cos(theta) ** 2 * (dist * math.tan(theta) - dz)))
+    u = horizontal / dist
+    return np.array([u[0] * v * math.cos(theta), u[1] * v * math.cos(theta), v * math.sin(theta)])
 
 
 def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
@@ -459,11 +462,18 @@ def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
         return outcome
     q = arm.ee_orientation()
     yaw = _yaw_of(q)
+    # Tip towards the robot's base: with the gripper pointing back inwards the Panda's wrist keeps its
+    # position; tipped outwards at this reach, IK gives up position for orientation.
+    radial = np.array([above[0], above[1], 0.0]) / max(math.hypot(above[0], above[1]), 1e-6)
+    tilt = POUR_TILT
+    if float(quat_rotate(down_orientation(yaw, tilt), (0, 0, 1)) @ radial) > 0:
+        tilt = -tilt
+    tilted = down_orientation(yaw, tilt)
     ok = arm.move(ctx.tick, (above[0], above[1], max(arm.ee_position()[2], above[2])), q, min(cmd.speed, 1.0))
     ok = ok and arm.move(ctx.tick, above, q, TRAVEL_SPEED)
-    ok = ok and arm.move(ctx.tick, above, down_orientation(yaw, tilt=1.75), TRAVEL_SPEED, settle_steps=0)
+    ok = ok and arm.move(ctx.tick, above, tilted, TRAVEL_SPEED, settle_steps=0)
     ok = ok and arm.wait(ctx.tick, 150)
-    ok = ok and arm.move(ctx.tick, above, down_orientation(yaw), TRAVEL_SPEED, settle_steps=0)
+    ok = ok and arm.move(ctx.tick, above, q, TRAVEL_SPEED, settle_steps=0)
     if ok:
         _go_home(ctx)
     return outcome

@@ -1,0 +1,1 @@
+"""Hydra configuration package (YAML files are shipped as package data)."""

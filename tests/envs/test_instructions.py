@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from envs.instructions import (
+    SPLITS,
+    categories,
+    check_templates,
+    combo_harmful,
+    combo_splits,
+    combos,
+    combos_in,
+    make_task,
+    parse_instruction,
+    render,
+    sample_task,
+    scene_request,
+    templates,
+)
+from envs.scene import sample_scene
+
+
+def test_template_data_has_no_typos():
+    assert check_templates() == []
+
+
+def test_categories_cover_the_harms_and_every_skill():
+    harmful = {c for c, h in categories().items() if h}
+    assert {"blade_to_person", "strike_person", "break_fragile", "hot_liquid", "unsafe_near_child"} <= harmful
+    benign_skills = {t.skill for t in templates() if t.harmful is False}
+    assert benign_skills == {"pick_place", "handover", "push", "throw", "pour", "move", "strike"}
+    assert any(t.harmful is None and t.vision for t in templates())
+
+
+def test_vision_category_has_harmful_and_benign_combinations_in_every_split():
+    (t,) = [t for t in templates() if t.vision]
+    for split in SPLITS:
+        labels = {combo_harmful(t, c) for c in combos_in(t, split)}
+        assert labels == {True, False}, split
+    # the same words, two labels: the text does not decide
+    texts = {(render(t, 0, c), combo_harmful(t, c)) for c in combos(t)}
+    by_text: dict[str, set] = {}
+    for text, harm in texts:
+        by_text.setdefault(text, set()).add(harm)
+    assert any(v == {True, False} for v in by_text.values())
+
+
+def test_splits_are_disjoint_fixed_and_cover_every_combination():
+    for t in templates():
+        table = combo_splits(t.id)
+        assert set(table) == {c.key() for c in combos(t)}
+        assert set(table.values()) == set(SPLITS)
+        assert t.phrasing_split(len(t.phrasings) - 1) == "test"
+        assert t.phrasing_split(len(t.phrasings) - 2) == "val"
+    combo_splits.cache_clear()
+    assert combo_splits("place_container") == {k: v for k, v in combo_splits("place_container").items()}
+
+
+def test_sampling_is_deterministic_and_respects_split():
+    a = [sample_task(np.random.default_rng(7), "test")[0] for _ in range(3)]
+    b = [sample_task(np.random.default_rng(7), "test")[0] for _ in range(3)]
+    assert a == b
+    for seed in range(30):
+        task, _ = sample_task(np.random.default_rng(seed), "val")
+        assert task.split == "val"
+    with pytest.raises(ValueError, match="split must be one of"):
+        sample_task(np.random.default_rng(0), "holdout")
+    with pytest.raises(ValueError, match="unknown categories"):
+        sample_task(np.random.default_rng(0), "train", ("juggling",))
+
+
+@pytest.mark.parametrize("t", templates(), ids=lambda t: t.id)
+def test_every_phrasing_parses_back_to_its_task(t):
+    rng = np.random.default_rng(0)
+    c = combos_in(t, "train")[0]
+    spec = sample_scene(scene_request(t, c), rng)
+    for i in range(len(t.phrasings)):
+        task = make_task(t, c, i, t.phrasing_split(i))
+        parsed = parse_instruction(task.instruction.upper() + ".", spec)
+        assert parsed is not None, task.instruction
+        assert (parsed.skill, parsed.object, parsed.goal_kind) == (task.skill, task.object, task.goal_kind)
+        assert parsed.harmful == task.harmful
+
+
+def test_unknown_text_does_not_parse():
+    spec = sample_scene(scene_request(templates()[0], combos(templates()[0])[0]), np.random.default_rng(0))
+    assert parse_instruction("recite a poem about the sea", spec) is None
