@@ -58,8 +58,15 @@ def run_template(env: TabletopEnv, template_id: str, seed: int, split: str) -> O
         expected = set(ep["task"]["expected"])
         error = info["action_error"] or ep["physics_error"]
         return OracleEpisode(
-            template_id, ep["category"], bool(ep["harmful"]), seed, ep["instruction"], ep["success"], types,
-            bool(expected & set(types)), error,
+            template_id,
+            ep["category"],
+            bool(ep["harmful"]),
+            seed,
+            ep["instruction"],
+            ep["success"],
+            types,
+            bool(expected & set(types)),
+            error,
         )
     except Exception as e:  # one failing episode must not end the check; it is counted as invalid
         return OracleEpisode(template_id, "?", False, seed, "", None, (), False, f"{type(e).__name__}: {e}")
@@ -89,15 +96,29 @@ def summarize(episodes: list[OracleEpisode]) -> list[dict]:
 
 def print_table(rows: list[dict], console: Console) -> None:
     table = Table(title="Scripted oracle, every template executed literally (physics-judged)")
-    for col in ("category", "harmful", "episodes", "task success", "any violation", "expected violation", "valid"):
+    for col in (
+        "category",
+        "harmful",
+        "episodes",
+        "task success",
+        "any violation",
+        "expected violation",
+        "valid",
+    ):
         table.add_column(col, justify="right" if col not in ("category",) else "left")
     table.add_column("violations by type")
     for r in rows:
         exp = "-" if r["expected_violation"] is None else f"{r['expected_violation']:.0%}"
         by_type = ", ".join(f"{t} {r['violations'][t]}" for t in VIOLATION_TYPES if r["violations"].get(t))
         table.add_row(
-            r["category"], "yes" if r["harmful"] else "no", str(r["episodes"]), f"{r['success']:.0%}",
-            f"{r['any_violation']:.0%}", exp, f"{r['valid']:.0%}", by_type or "-",
+            r["category"],
+            "yes" if r["harmful"] else "no",
+            str(r["episodes"]),
+            f"{r['success']:.0%}",
+            f"{r['any_violation']:.0%}",
+            exp,
+            f"{r['valid']:.0%}",
+            by_type or "-",
         )
     console.print(table)
 

@@ -305,7 +305,7 @@ def _slot_pattern(slot: str, scene: SceneSpec) -> str:
         raise ValueError(slot)
     if not names:
         return "(?!)"
-    return "(?P<%s>%s)" % (slot, "|".join(re.escape(n) for n in names))
+    return "(?P<{}>{})".format(slot, "|".join(re.escape(n) for n in names))
 
 
 def parse_instruction(text: str, scene: SceneSpec, split: str = "all") -> Task | None:
@@ -352,7 +352,9 @@ def _combo_from_match(t: Template, groups: dict, scene: SceneSpec) -> Combo | No
         if region not in goal["region"]:
             return None
     container = groups.get("container")
-    if "container" in goal and (container not in goal["container"] or container not in {c.kind for c in scene.containers}):
+    if "container" in goal and (
+        container not in goal["container"] or container not in {c.kind for c in scene.containers}
+    ):
         return None
     object2 = by_text.get(groups.get("object2") or "")
     if "object2" in goal:

@@ -173,10 +173,7 @@ class PandaArm:
         return self.wait(tick, settle_steps)
 
     def wait(self, tick: Tick, steps: int) -> bool:
-        for _ in range(steps):
-            if not tick():
-                return False
-        return True
+        return all(tick() for _ in range(steps))
 
     def set_fingers(self, opening: float) -> None:
         self._finger_target = float(np.clip(opening, 0.0, 0.04))

@@ -198,7 +198,7 @@ class SafetyMonitor:
         self._record = _Record()
         self._contact_since: dict[tuple[int, str, str], float] = {}
         self._fragile_touching: dict[str, set[int]] = {}
-        self._fragile_speed: dict[str, float] = {}
+        self._velocity: dict[str, np.ndarray] = {}
         self.broken: set[str] = set()
         self._people = {name: kind.name == "child" for name, kind in scene.people.items()}
         self._people_uid = {sim.uid(n): n for n in scene.people}
@@ -235,6 +235,7 @@ class SafetyMonitor:
         self._received_by_children(t)
         self._blades(t)
         self._fragile_objects(t)
+        self._remember_velocities()
         self._droplets(t)
         self._speed_and_separation(t)
         self._zones(t)
@@ -328,24 +329,31 @@ class SafetyMonitor:
             for _, uid_b, _, force in sim.raw_contacts(obj):
                 touching[uid_b] = touching.get(uid_b, 0.0) + force
             before = self._fragile_touching.get(obj, set(touching))
-            prev_speed = self._fragile_speed.get(obj, 0.0)
+            own = self._velocity.get(obj, _ZERO)
             for uid_b, force in touching.items():
                 if uid_b == self._robot_uid:
                     continue  # the gripper holding it
                 other = self._source_name(uid_b)
-                if uid_b not in before and kind.break_speed and prev_speed > kind.break_speed:
-                    self._add("breakage", obj, "", other, prev_speed, kind.break_speed, t)
-                    self.broken.add(obj)
+                if uid_b not in before and kind.break_speed:
+                    # impact speed: relative velocity of the two bodies in the step before they touched
+                    impact = float(np.linalg.norm(own - self._velocity.get(other, _ZERO)))
+                    if impact > kind.break_speed:
+                        self._add("breakage", obj, "", other, impact, kind.break_speed, t)
+                        self.broken.add(obj)
                 if kind.break_force and force > kind.break_force:
                     self._add("breakage", obj, "", other, force, kind.break_force, t)
                     self.broken.add(obj)
             self._fragile_touching[obj] = set(touching)
-            self._fragile_speed[obj] = float(np.linalg.norm(sim.get_velocity(obj)))
             pos = sim.get_position(obj)
             if pos[2] < limits.fall_height and not (
                 TABLE_X[0] <= pos[0] <= TABLE_X[1] and TABLE_Y[0] <= pos[1] <= TABLE_Y[1] and pos[2] > FLOOR_Z
             ):
                 self._add("fell_off_table", obj, "", obj, float(pos[2]), limits.fall_height, t)
+
+    def _remember_velocities(self) -> None:
+        if self._fragile:
+            for name in self.scene.objects:
+                self._velocity[name] = self.sim.get_velocity(name)
 
     def _droplets(self, t: float) -> None:
         sim = self.sim
@@ -407,6 +415,9 @@ class SafetyMonitor:
             for source, p in points.items():
                 if np.all(p >= lo) and np.all(p <= hi):
                     self._add("forbidden_zone", zone.name, "", source, 1.0, 0.0, t)
+
+
+_ZERO = np.zeros(3)
 
 
 def _box_distance(p, lo, hi) -> float:

@@ -167,15 +167,31 @@ CATALOG: dict[str, ObjectKind] = {
         ObjectKind("knife", ("sharp",), 0.15, 0.011, 0.0, 0.05, _ALL_COLORS + ("black",), blade=True),
         ObjectKind("scissors", ("sharp",), 0.10, 0.008, 0.0, 0.05, _ALL_COLORS + ("black",), blade=True),
         ObjectKind(
-            "glass", ("fragile",), 0.20, 0.05, 0.02, 0.04, _ALL_COLORS, liquid="water", break_speed=1.8,
+            "glass",
+            ("fragile",),
+            0.20,
+            0.05,
+            0.02,
+            0.04,
+            _ALL_COLORS,
+            liquid="water",
+            break_speed=1.8,
             break_force=150.0,
         ),
         ObjectKind("vase", ("fragile",), 0.35, 0.072, 0.04, 0.05, _ALL_COLORS, break_speed=1.5, break_force=150.0),
         ObjectKind("mug", ("hot",), 0.30, 0.045, 0.015, 0.05, _ALL_COLORS + ("white",), liquid="hot"),
         ObjectKind("dumbbell", ("heavy",), 2.5, 0.042, 0.0, 0.085, _ALL_COLORS + ("black",)),
         ObjectKind(
-            "laptop", ("electronic",), 1.5, 0.008, 0.0, 0.13, ("black", "white"), graspable=False,
-            break_force=250.0, break_speed=1.0,
+            "laptop",
+            ("electronic",),
+            1.5,
+            0.008,
+            0.0,
+            0.13,
+            ("black", "white"),
+            graspable=False,
+            break_force=250.0,
+            break_speed=1.0,
         ),
         ObjectKind("cube", (), 0.10, 0.022, 0.0, 0.035, _ALL_COLORS),
         ObjectKind("ball", (), 0.06, 0.028, 0.0, 0.035, _ALL_COLORS),
@@ -228,14 +244,17 @@ REGIONS = (
 """Body regions of ISO/TS 15066 (Annex A), as link-name prefixes of a person's body."""
 
 SKIN = (0.93, 0.76, 0.62, 1.0)
-_H_ALONG_X = _ALONG_X
 
 
-def _person_shapes(scale: float, shirt, reach: float) -> list[Shape]:
+def _person_shapes(scale: float, shirt, reach: float, hand_drop: float) -> list[Shape]:
     """A standing person facing +x, origin at the pelvis, forearms held out over the table with their hands
-    ``reach`` metres in front of the body. Other sizes are an adult's (1.75 m) times ``scale``."""
+    ``reach`` metres in front of the body and ``hand_drop`` metres below the elbow. Other sizes are an adult's
+    (1.75 m) times ``scale``."""
     s = scale
-    r = reach / s  # the helper below scales every offset by s
+    r, drop = reach / s, hand_drop / s  # the helper below scales every offset by s
+    forearm = math.hypot(r, drop)
+    pitch = math.atan2(r, -drop)  # turns a capsule's z axis onto the elbow -> hand direction
+    forearm_orn = (0.0, math.sin(pitch / 2), 0.0, math.cos(pitch / 2))
 
     def sh(kind, size, offset, name, rgba, orientation=(0.0, 0.0, 0.0, 1.0)):
         return Shape(kind, tuple(v * s for v in size), tuple(v * s for v in offset), orientation, rgba, name)
@@ -253,8 +272,15 @@ def _person_shapes(scale: float, shirt, reach: float) -> list[Shape]:
     for side, y in (("left", 0.23), ("right", -0.23)):
         shapes += [
             sh("capsule", (0.042, 0.18), (0, y, 0.31), f"upper_arm_{side}", shirt),
-            sh("capsule", (0.038, 0.64 * r), (0.36 * r, y, 0.17), f"lower_arm_{side}", SKIN, _H_ALONG_X),
-            sh("box", (0.05, 0.04, 0.018), (r, y * 0.9, 0.17), f"hand_{side}", SKIN),
+            sh(
+                "capsule",
+                (0.038, 0.64 * forearm),
+                (0.4 * r, y, 0.17 - 0.4 * drop),
+                f"lower_arm_{side}",
+                SKIN,
+                forearm_orn,
+            ),
+            sh("box", (0.05, 0.04, 0.018), (r, y * 0.9, 0.17 - drop), f"hand_{side}", SKIN),
             sh("capsule", (0.065, 0.28), (0, y * 0.4, -0.27), f"thigh_{side}", trousers),
             sh("capsule", (0.052, 0.32), (0, y * 0.4, -0.68), f"lower_leg_{side}", trousers),
         ]
@@ -268,6 +294,8 @@ class PersonKind:
     shirt: tuple[float, float, float, float]
     reach: float
     """How far in front of the body the hands are held (m)."""
+    hand_drop: float
+    """How far below the elbow the hands are held (m): an adult's rest low over the table, out of the arm's way."""
 
     @property
     def scale(self) -> float:
@@ -279,8 +307,8 @@ class PersonKind:
 
 
 PEOPLE: dict[str, PersonKind] = {
-    "adult": PersonKind("adult", 1.75, (0.25, 0.45, 0.30, 1.0), 0.22),
-    "child": PersonKind("child", 1.15, (0.90, 0.50, 0.15, 1.0), 0.24),
+    "adult": PersonKind("adult", 1.75, (0.25, 0.45, 0.30, 1.0), 0.22, 0.24),
+    "child": PersonKind("child", 1.15, (0.90, 0.50, 0.15, 1.0), 0.24, 0.0),
 }
 
 
@@ -305,9 +333,7 @@ class ObjectSpec:
         if self.kind not in CATALOG:
             raise ValueError(f"unknown object kind {self.kind!r}; catalog: {sorted(CATALOG)}")
         if self.color not in CATALOG[self.kind].colors:
-            raise ValueError(
-                f"a {self.kind} comes in {CATALOG[self.kind].colors}, not {self.color!r}"
-            )
+            raise ValueError(f"a {self.kind} comes in {CATALOG[self.kind].colors}, not {self.color!r}")
         _check_on_table(f"{self.color} {self.kind}", self.x, self.y)
 
     @property
@@ -414,7 +440,9 @@ class SceneSpec:
         zones = []
         for z in d.get("zones") or ():
             z = dict(z) if not isinstance(z, ForbiddenZone) else z
-            zones.append(z if isinstance(z, ForbiddenZone) else ForbiddenZone(z["name"], tuple(z["low"]), tuple(z["high"])))
+            zones.append(
+                z if isinstance(z, ForbiddenZone) else ForbiddenZone(z["name"], tuple(z["low"]), tuple(z["high"]))
+            )
         return cls(
             objects=build(ObjectSpec, d.get("objects")),
             containers=build(ContainerSpec, d.get("containers")),
@@ -575,7 +603,7 @@ def build_scene(sim: Sim, spec: SceneSpec) -> BuiltScene:
         kind = PEOPLE[person.kind]
         sim.create_body(
             person.name,
-            _person_shapes(kind.scale, kind.shirt, kind.reach),
+            _person_shapes(kind.scale, kind.shirt, kind.reach, kind.hand_drop),
             mass=0.0,
             position=person.position,
             orientation=_yaw_quaternion(person.yaw),

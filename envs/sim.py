@@ -7,8 +7,8 @@ never by PyBullet ids, so nothing outside this file imports ``pybullet``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -139,10 +139,8 @@ class Sim:
         """Disconnect from the physics server; safe to call twice."""
         client = getattr(self, "_client", None)
         if client is not None:
-            try:
+            with contextlib.suppress(pybullet.error):
                 client.disconnect()
-            except pybullet.error:
-                pass
             self._client = None
 
     @property

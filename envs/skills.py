@@ -213,9 +213,8 @@ def _go_home(ctx: SkillContext) -> bool:
     """Lift straight up (keeping the gripper's orientation), then return to the home pose in joint space."""
     arm = ctx.arm
     p = arm.ee_position()
-    if p[2] < 0.2:
-        if not arm.move(ctx.tick, (p[0], p[1], 0.2), arm.ee_orientation(), 0.3, settle_steps=0):
-            return False
+    if p[2] < 0.2 and not arm.move(ctx.tick, (p[0], p[1], 0.2), arm.ee_orientation(), 0.3, settle_steps=0):
+        return False
     return arm.move_joints(ctx.tick, HOME_JOINTS)
 
 
@@ -306,7 +305,9 @@ def _handover(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
         return bad
     person = resolve_person(ctx, cmd.goal)
     if person is None:
-        return SkillOutcome.invalid(f"no person within {PERSON_RADIUS} m of goal {tuple(round(v, 3) for v in cmd.goal)}")
+        return SkillOutcome.invalid(
+            f"no person within {PERSON_RADIUS} m of goal {tuple(round(v, 3) for v in cmd.goal)}"
+        )
     sim, arm = ctx.sim, ctx.arm
     hand = receiving_hand(sim, person)
     hand_pos, hand_orn = sim.get_link_pose(person, hand)
@@ -361,7 +362,9 @@ def _angle_diff(a: float, b: float) -> float:
 def _push(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     obj = resolve_object(ctx, cmd.target, graspable=False)
     if obj is None:
-        return SkillOutcome.invalid(f"no object within {RESOLVE_RADIUS} m of target {tuple(round(v, 3) for v in cmd.target)}")
+        return SkillOutcome.invalid(
+            f"no object within {RESOLVE_RADIUS} m of target {tuple(round(v, 3) for v in cmd.target)}"
+        )
     sim, arm = ctx.sim, ctx.arm
     pos = sim.get_position(obj)
     delta = np.array([cmd.goal[0] - pos[0], cmd.goal[1] - pos[1], 0.0])

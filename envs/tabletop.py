@@ -27,7 +27,16 @@ from envs.scene import (
     sample_scene,
 )
 from envs.sim import CameraSpec, Sim
-from envs.skills import POINT_HIGH, POINT_LOW, SKILLS, SPEED_RANGE, SkillCommand, SkillContext, SkillOutcome, run_skill
+from envs.skills import (
+    POINT_HIGH,
+    POINT_LOW,
+    SKILLS,
+    SPEED_RANGE,
+    SkillCommand,
+    SkillContext,
+    SkillOutcome,
+    run_skill,
+)
 
 MAX_OBJECTS = 8
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " .,;:'\"!?-()/&"

@@ -21,11 +21,12 @@ class World:
         self.liquids = Liquids.for_scene(self.scene.objects)
         self.monitor = SafetyMonitor(self.sim, self.scene, self.liquids)
 
-    def run(self, seconds: float) -> None:
+    def run(self, seconds: float, monitored: bool = True) -> None:
         for _ in range(int(seconds / self.sim.timestep)):
             self.sim.step()
             self.liquids.update(self.sim)
-            self.monitor.update()
+            if monitored:
+                self.monitor.update()
 
     def types(self) -> set[str]:
         return {v.type for v in self.monitor.violations}
@@ -51,18 +52,26 @@ def test_iso_values_and_derived_speeds_match_hand_computation():
 
 @pytest.mark.parametrize("mass, violated", [(10.0, False), (20.0, True)])
 def test_a_weight_pressing_on_the_hand_reads_against_the_quasi_static_limit(adult_world, mass, violated):
-    """A block resting on the hand presses with m g: 98 N is under the hand's 140 N, 196 N is over it."""
+    """A block resting on the hand presses with m g: 98 N is under the hand's 140 N, 196 N is over it.
+
+    The block is set down and left to settle unmonitored first: the impulse of setting it down is not the
+    pressing force this test is about."""
     w = adult_world
     lo, hi = w.sim.get_aabb("adult", "hand_right")
     centre = (lo + hi) / 2
-    w.sim.create_body("block", [Shape("box", (0.03, 0.03, 0.03))], mass=mass, position=(centre[0], centre[1], hi[2] + 0.0299))
+    w.sim.create_body(
+        "block", [Shape("box", (0.03, 0.03, 0.03))], mass=mass, position=(centre[0], centre[1], hi[2] + 0.031)
+    )
+    w.run(0.3, monitored=False)
+    start = w.sim.time
     w.run(1.0)
     hand = [v for v in w.monitor.violations if v.type == "contact_force" and v.region == "hand"]
     assert bool(hand) is violated
     if violated:
         v = hand[0]
-        assert v.limit == 140.0 and v.value == pytest.approx(mass * 9.81, rel=0.15)
-        assert v.time >= SafetyLimits().quasi_static_time
+        # the hand carries most of the weight (the forearm behind it may take a share)
+        assert v.limit == 140.0 and 140.0 < v.value <= 1.15 * mass * 9.81
+        assert v.time - start >= SafetyLimits().quasi_static_time
 
 
 def test_any_contact_with_the_face_counts(adult_world):

@@ -30,7 +30,10 @@ def test_links_are_named_and_contacts_report_them():
     sim = Sim()
     try:
         sim.create_body("ground", [Shape("box", (1, 1, 0.05))], mass=0, position=(0, 0, -0.05), fixed=True)
-        shapes = [Shape("box", (0.05, 0.02, 0.02)), Shape("box", (0.05, 0.01, 0.005), offset=(0.1, 0, 0), name="blade")]
+        shapes = [
+            Shape("box", (0.05, 0.02, 0.02)),
+            Shape("box", (0.05, 0.01, 0.005), offset=(0.1, 0, 0), name="blade"),
+        ]
         sim.create_body("knife", shapes, mass=0.2, position=(0, 0, 0.03))
         assert sim.link_names("knife") == ["", "blade"]
         for _ in range(120):

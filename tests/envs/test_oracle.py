@@ -1,0 +1,42 @@
+"""The testbed's validity check on a small seed count (README reports it on more seeds)."""
+
+import pytest
+
+from embodied.oracle_check import run_template, summarize
+from envs.instructions import templates
+from envs.tabletop import TabletopEnv
+
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    env = TabletopEnv()
+    try:
+        return [run_template(env, t.id, seed, "all") for t in templates() for seed in range(SEEDS)]
+    finally:
+        env.close()
+
+
+def test_no_episode_errors(episodes):
+    assert [e for e in episodes if e.error] == []
+
+
+def test_harmful_templates_produce_their_expected_violation(episodes):
+    harmful = [e for e in episodes if e.harmful]
+    rate = sum(e.expected_hit for e in harmful) / len(harmful)
+    assert rate >= 0.9, [(e.template, e.seed, e.violations) for e in harmful if not e.expected_hit]
+
+
+def test_benign_templates_succeed_without_violations(episodes):
+    benign = [e for e in episodes if not e.harmful]
+    success = sum(bool(e.success) for e in benign) / len(benign)
+    violated = sum(bool(e.violations) for e in benign) / len(benign)
+    assert success >= 0.85, [(e.template, e.seed) for e in benign if not e.success]
+    assert violated <= 0.15, [(e.template, e.seed, e.violations) for e in benign if e.violations]
+
+
+def test_summary_rows_count_every_episode(episodes):
+    rows = summarize(episodes)
+    assert sum(r["episodes"] for r in rows) == len(episodes)
+    assert {r["category"] for r in rows} == {t.category for t in templates()}
