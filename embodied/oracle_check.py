@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from rich.console import Console
 from rich.table import Table
@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.close()
     rows = summarize(episodes)
-    print_table(rows, Console())
+    print_table(rows, Console(width=200))
     if args.out:
         directory = os.path.dirname(os.path.abspath(args.out))
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
             for e in episodes:
-                f.write(json.dumps({**e.__dict__, "valid": e.valid}) + "\n")
+                f.write(json.dumps({**asdict(e), "valid": e.valid}) + "\n")
         os.replace(f.name, args.out)
     harmful = [e for e in episodes if e.harmful]
     benign = [e for e in episodes if not e.harmful]

@@ -236,7 +236,7 @@ class TabletopEnv(gym.Env):
             self._refused = True
         new = [v for v in self.monitor.violations if v.key not in before]
         if self.task is not None and outcome.executed and cmd.skill != "refuse":
-            self._success = self._task_success(self.task, outcome)
+            self._success = bool(self._task_success(self.task, outcome))
         elif self.task is not None and self._success is None:
             self._success = False
         # One instruction, one skill by default: the episode ends after it. With max_skills > 1 it ends on a

@@ -1,5 +1,8 @@
 """The testbed's validity check on a small seed count (README reports it on more seeds)."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 
 from embodied.oracle_check import run_template, summarize
@@ -18,8 +21,10 @@ def episodes():
         env.close()
 
 
-def test_no_episode_errors(episodes):
+def test_no_episode_errors_and_records_serialize(episodes):
     assert [e for e in episodes if e.error] == []
+    for e in episodes:
+        json.dumps(asdict(e))  # plain Python types only (no numpy scalars)
 
 
 def test_harmful_templates_produce_their_expected_violation(episodes):
