@@ -299,7 +299,9 @@ class SafetyMonitor:
         for knife in self._sharp:
             if self._received.get(knife):
                 continue
-            speed = float(np.linalg.norm(sim.get_link_velocity(knife, "blade")))
+            # the blade's speed, bounded from the body's linear and angular speed (cheaper than a link query)
+            linear, angular = sim.get_velocity(knife), sim.get_angular_velocity(knife)
+            speed = float(np.linalg.norm(linear) + 0.2 * np.linalg.norm(angular))
             if speed < 0.01 and self.held() != knife:
                 continue
             pos = sim.get_position(knife)
@@ -380,15 +382,16 @@ class SafetyMonitor:
 
     def _speed_and_separation(self, t: float) -> None:
         sim, limits = self.sim, self.limits
-        speed = float(np.linalg.norm(sim.get_link_velocity(self.robot, self.ee_link)))
+        ee, velocity = sim.get_link_position_velocity(self.robot, self.ee_link)
+        speed = float(np.linalg.norm(velocity))
         if speed < limits.min_speed:
             return
         reach = limits.separation_range(speed)
-        ee = sim.get_link_pose(self.robot, self.ee_link)[0]
         held = self.held()
         for person, child in self._people.items():
             lo, hi = self._person_boxes[person]
-            if _box_distance(ee, lo, hi) > reach + 0.9:  # the arm's links reach at most ~0.9 m from the gripper
+            near = sim.uids_in_box(lo - reach, hi + reach)  # broadphase: is any robot link within reach at all?
+            if self._robot_uid not in near and (held is None or sim.uid(held) not in near):
                 continue
             points = sim.closest(self.robot, person, reach)
             if held is not None:

@@ -327,6 +327,12 @@ class Sim:
         state = self._client.getLinkState(uid, index, computeLinkVelocity=True, computeForwardKinematics=True)
         return np.asarray(state[6])
 
+    def get_link_position_velocity(self, name: str, link: str) -> tuple[np.ndarray, np.ndarray]:
+        """World position and linear velocity of a link, in one query."""
+        uid, index = self._link(name, link)
+        state = self._client.getLinkState(uid, index, computeLinkVelocity=True, computeForwardKinematics=True)
+        return np.asarray(state[4]), np.asarray(state[6])
+
     def get_aabb(self, name: str, link: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned bounds of a link, or of the whole body when ``link`` is None."""
         body = self._body(name)
@@ -488,6 +494,11 @@ class Sim:
         raw = p.getClosestPoints(ua, ub, max_distance, **kwargs)
         names = self._link_names_by_uid[ub]
         return [(float(c[8]), names.get(c[4], "")) for c in raw]
+
+    def uids_in_box(self, low, high) -> set[int]:
+        """Ids of bodies whose broadphase bounds overlap the box (a cheap pre-filter for distance queries)."""
+        hits = self._client.getOverlappingObjects(list(low), list(high))
+        return {uid for uid, _ in hits} if hits else set()
 
     def ray_test(self, start, end) -> tuple[str, str, np.ndarray] | None:
         """First body hit on the segment, as (body, link, point), or None."""
