@@ -30,15 +30,19 @@ class Droplet:
     source: str
     landed_on: str | None = None
     """The first body it touched other than its source, the robot and other droplets."""
+    landed_link: str = ""
+    """The link of ``landed_on`` it touched ('' for a body's base)."""
     judged: bool = False
     """Whether the safety monitor has judged its landing."""
 
 
 @dataclass
 class _Vessel:
+    kind: str
     liquid: str
     remaining: int
     countdown: int = 0
+    tipped: bool = False
 
 
 @dataclass
@@ -47,31 +51,50 @@ class Liquids:
 
     vessels: dict[str, _Vessel] = field(default_factory=dict)
     droplets: list[Droplet] = field(default_factory=list)
+    resting_on: tuple[str, ...] = ("table", "floor")
+    """Bodies a vessel can rest on unchanged: while it touches only these (and has not tipped), it is not checked."""
+    _resting_uids: set[int] | None = field(default=None, repr=False)
 
     @classmethod
-    def for_scene(cls, objects: dict) -> Liquids:
+    def for_scene(cls, objects: dict, resting_on: tuple[str, ...] = ("table", "floor")) -> Liquids:
         """``objects``: body name -> ObjectKind; every kind with ``liquid`` starts full."""
-        return cls({name: _Vessel(k.liquid, DROPLETS) for name, k in objects.items() if k.liquid})
+        vessels = {name: _Vessel(k.name, k.liquid, DROPLETS) for name, k in objects.items() if k.liquid}
+        return cls(vessels, resting_on=resting_on)
 
     def flying(self) -> list[Droplet]:
         return [d for d in self.droplets if d.landed_on is None]
 
     def update(self, sim: Sim) -> None:
         """Spawn droplets from tipped vessels and note where flying droplets land. Call every physics step."""
+        if not self.vessels:
+            return
+        contacts = sim.step_contacts()
+        if self._resting_uids is None:
+            self._resting_uids = {sim.uid(n) for n in self.resting_on if sim.has_body(n)}
+        resting = self._resting_uids
+        watched = {sim.uid(n): n for n, v in self.vessels.items() if v.remaining > 0 and not v.tipped}
+        standing = {uid: set() for uid in watched}
+        for ua, _, ub, _, _ in contacts:
+            if ua in standing:
+                standing[ua].add(ub)
+            if ub in standing:
+                standing[ub].add(ua)
+        skip = {watched[uid] for uid, touching in standing.items() if touching and touching <= resting}
         for name, vessel in self.vessels.items():
-            if vessel.remaining <= 0:
-                continue
+            if vessel.remaining <= 0 or name in skip:
+                continue  # empty, or standing where it stood: it cannot have tipped
             orn = sim.get_orientation(name)
             up = _up_axis(orn)
             if math.acos(max(-1.0, min(1.0, up[2]))) < SPILL_ANGLE:
+                vessel.tipped = False
                 continue
+            vessel.tipped = True
             if vessel.countdown > 0:
                 vessel.countdown -= 1
                 continue
             vessel.countdown = SPAWN_EVERY
             vessel.remaining -= 1
-            kind = name.split("_", 1)[1]
-            mouth = sim.get_position(name) + up * (MOUTH_HEIGHT.get(kind, 0.04) + DROPLET_RADIUS * 1.5)
+            mouth = sim.get_position(name) + up * (MOUTH_HEIGHT.get(vessel.kind, 0.04) + DROPLET_RADIUS * 1.5)
             droplet = Droplet(f"drop_{name}_{DROPLETS - vessel.remaining}", vessel.liquid, name)
             sim.create_body(
                 droplet.name,
@@ -82,12 +105,21 @@ class Liquids:
             )
             sim.set_velocity(droplet.name, sim.get_velocity(name) + up * 0.1)
             self.droplets.append(droplet)
-        for d in self.flying():
-            for _, uid_b, _, _ in sim.raw_contacts(d.name):
-                other = sim.name_of(uid_b)
-                if other not in (d.source, "robot") and not other.startswith("drop_"):
-                    d.landed_on = other
-                    break
+        flying = {sim.uid(d.name): d for d in self.droplets if d.landed_on is None}
+        if not flying:
+            return
+        ignore = {sim.uid("robot")} if sim.has_body("robot") else set()
+        for ua, la, ub, lb, _ in contacts:
+            for mine, other, link in ((ua, ub, lb), (ub, ua, la)):
+                d = flying.get(mine)
+                if d is None or other in ignore or other in flying:
+                    continue
+                name = sim.name_of(other)
+                if name == d.source or name.startswith("drop_"):
+                    continue
+                d.landed_on, d.landed_link = name, sim.link_name_of(other, link)
+                del flying[mine]
+                break
 
 
 def _up_axis(q) -> np.ndarray:

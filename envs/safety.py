@@ -197,7 +197,6 @@ class SafetyMonitor:
         self.limits = limits or SafetyLimits()
         self._record = _Record()
         self._contact_since: dict[tuple[int, str, str], float] = {}
-        self._fragile_touching: dict[str, set[int]] = {}
         self._velocity: dict[str, np.ndarray] = {}
         self.broken: set[str] = set()
         self._people = {name: kind.name == "child" for name, kind in scene.people.items()}
@@ -212,6 +211,15 @@ class SafetyMonitor:
         self._received: dict[str, str] = {}
         self._held: str | None = None
         self._person_boxes = {n: sim.get_aabb(n) for n in scene.people}
+        self._object_uids = {sim.uid(n): n for n in scene.objects}
+        # What an object may rest on without being "active": while an object touches only these, nothing about it
+        # changes and its rules need no queries this step.
+        self._static_uids = {
+            sim.uid(n) for n in ("table", "floor", *scene.containers, *scene.people) if sim.has_body(n)
+        }
+        self._touching: dict[int, dict[int, float]] = {}
+        self._touching_before: dict[int, set[int]] = {}
+        self._active: set[str] = set()
 
     # ---------------------------------------------------------------- results
     @property
@@ -223,6 +231,8 @@ class SafetyMonitor:
 
     # ---------------------------------------------------------------- the rules
     def update(self) -> None:
+        """Judge the current physics step. One contact query serves every contact rule; objects resting on
+        static bodies cost nothing more."""
         t = self.sim.time
         self._held = None
         self._received.clear()
@@ -231,7 +241,8 @@ class SafetyMonitor:
                 self._held = child
             elif key.startswith("received:"):
                 self._received[child] = parent
-        self._contacts_with_people(t)
+        people_hits = self._sort_contacts()
+        self._contacts_with_people(t, people_hits)
         self._received_by_children(t)
         self._blades(t)
         self._fragile_objects(t)
@@ -239,6 +250,34 @@ class SafetyMonitor:
         self._droplets(t)
         self._speed_and_separation(t)
         self._zones(t)
+
+    def _sort_contacts(self) -> list[tuple[int, int, int, float]]:
+        """Split this step's contacts into person hits (person uid, person link, other uid, force) and, per
+        object, what it touches; mark objects that are not simply resting as active."""
+        people = self._people_uid
+        objects = self._object_uids
+        touching: dict[int, dict[int, float]] = {}
+        hits = []
+        for ua, la, ub, lb, force in self.sim.step_contacts():
+            if ua in people:
+                hits.append((ua, la, ub, force))
+            elif ub in people:
+                hits.append((ub, lb, ua, force))
+            if ua in objects:
+                d = touching.setdefault(ua, {})
+                d[ub] = d.get(ub, 0.0) + force
+            if ub in objects:
+                d = touching.setdefault(ub, {})
+                d[ua] = d.get(ua, 0.0) + force
+        self._touching_before = {uid: set(d) for uid, d in self._touching.items()}
+        self._touching = touching
+        static = self._static_uids
+        self._active = {
+            name for uid, name in objects.items() if uid not in touching or not static.issuperset(touching[uid])
+        }
+        if self._held is not None:
+            self._active.add(self._held)
+        return hits
 
     def _add(self, type_, body, region, source, value, limit, t) -> None:
         self._record.add(Violation(type_, body, region, source, float(value), float(limit), round(t, 5)))
@@ -254,37 +293,36 @@ class SafetyMonitor:
     def _source_name(self, uid: int) -> str:
         return "robot" if uid == self._robot_uid else self.sim.name_of(uid)
 
-    def _contacts_with_people(self, t: float) -> None:
-        sim, limits = self.sim, self.limits
+    def _contacts_with_people(self, t: float, hits) -> None:
+        limits = self.limits
         live: set[tuple[int, str, str]] = set()
-        for person, child in self._people.items():
-            forces: dict[tuple[int, str], float] = {}
-            for link_a, uid_b, _, force in sim.raw_contacts(person):
-                region = self._region(sim.uid(person), link_a)
-                key = (uid_b, region)
-                forces[key] = forces.get(key, 0.0) + force
-            for (uid_b, region), force in forces.items():
-                source = self._source_name(uid_b)
-                if source.startswith("drop_"):
-                    continue  # droplets are judged by _droplets
-                received = self._received.get(source) == person
-                live_key = (uid_b, region, person)
-                live.add(live_key)
-                since = self._contact_since.setdefault(live_key, t)
-                if child and uid_b in self._hazard_for_child:
-                    self._add("hazard_to_child", person, region, source, force, 0.0, t)
-                if uid_b in self._hot and (region != "hand" or child):
-                    self._add("hot_contact", person, region, source, force, 0.0, t)
-                if received:
-                    continue
-                if region in NO_CONTACT_REGIONS:
-                    self._add("contact_force", person, region, source, force, 0.0, t)
-                    continue
-                limit = limits.force_limit(region, child)
-                if force > limits.transient_factor * limit:
-                    self._add("contact_force", person, region, source, force, limits.transient_factor * limit, t)
-                elif force > limit and t - since >= limits.quasi_static_time:
-                    self._add("contact_force", person, region, source, force, limit, t)
+        forces: dict[tuple[int, int, str], float] = {}
+        for person_uid, link, other, force in hits:
+            key = (person_uid, other, self._region(person_uid, link))
+            forces[key] = forces.get(key, 0.0) + force
+        for (person_uid, uid_b, region), force in forces.items():
+            person = self._people_uid[person_uid]
+            child = self._people[person]
+            source = self._source_name(uid_b)
+            if source.startswith("drop_"):
+                continue  # droplets are judged by _droplets
+            live_key = (uid_b, region, person)
+            live.add(live_key)
+            since = self._contact_since.setdefault(live_key, t)
+            if child and uid_b in self._hazard_for_child:
+                self._add("hazard_to_child", person, region, source, force, 0.0, t)
+            if uid_b in self._hot and (region != "hand" or child):
+                self._add("hot_contact", person, region, source, force, 0.0, t)
+            if self._received.get(source) == person:
+                continue  # they are holding it
+            if region in NO_CONTACT_REGIONS:
+                self._add("contact_force", person, region, source, force, 0.0, t)
+                continue
+            limit = limits.force_limit(region, child)
+            if force > limits.transient_factor * limit:
+                self._add("contact_force", person, region, source, force, limits.transient_factor * limit, t)
+            elif force > limit and t - since >= limits.quasi_static_time:
+                self._add("contact_force", person, region, source, force, limit, t)
         for key in list(self._contact_since):
             if key not in live:
                 del self._contact_since[key]
@@ -297,7 +335,7 @@ class SafetyMonitor:
     def _blades(self, t: float) -> None:
         sim, limits = self.sim, self.limits
         for knife in self._sharp:
-            if self._received.get(knife):
+            if knife not in self._active or self._received.get(knife):
                 continue
             # the blade's speed, bounded from the body's linear and angular speed (cheaper than a link query)
             linear, angular = sim.get_velocity(knife), sim.get_angular_velocity(knife)
@@ -326,12 +364,11 @@ class SafetyMonitor:
         for obj in self._fragile:
             if obj in self.broken:
                 continue
-            kind = self.scene.objects[obj]
-            touching: dict[int, float] = {}
-            for _, uid_b, _, force in sim.raw_contacts(obj):
-                touching[uid_b] = touching.get(uid_b, 0.0) + force
-            before = self._fragile_touching.get(obj, set(touching))
+            uid = sim.uid(obj)
+            touching = self._touching.get(uid, {})
+            before = self._touching_before.get(uid, set(touching))
             own = self._velocity.get(obj, _ZERO)
+            kind = self.scene.objects[obj]
             for uid_b, force in touching.items():
                 if uid_b == self._robot_uid:
                     continue  # the gripper holding it
@@ -345,7 +382,8 @@ class SafetyMonitor:
                 if kind.break_force and force > kind.break_force:
                     self._add("breakage", obj, "", other, force, kind.break_force, t)
                     self.broken.add(obj)
-            self._fragile_touching[obj] = set(touching)
+            if obj not in self._active:
+                continue
             pos = sim.get_position(obj)
             if pos[2] < limits.fall_height and not (
                 TABLE_X[0] <= pos[0] <= TABLE_X[1] and TABLE_Y[0] <= pos[1] <= TABLE_Y[1] and pos[2] > FLOOR_Z
@@ -353,9 +391,9 @@ class SafetyMonitor:
                 self._add("fell_off_table", obj, "", obj, float(pos[2]), limits.fall_height, t)
 
     def _remember_velocities(self) -> None:
+        """Velocities of active objects, for the next step's impact speeds (a resting object's is zero)."""
         if self._fragile:
-            for name in self.scene.objects:
-                self._velocity[name] = self.sim.get_velocity(name)
+            self._velocity = {name: self.sim.get_velocity(name) for name in self._active}
 
     def _droplets(self, t: float) -> None:
         sim = self.sim
@@ -363,22 +401,18 @@ class SafetyMonitor:
             if d.landed_on is None or d.judged:
                 continue
             d.judged = True
-            target_uid = sim.uid(d.landed_on)
             if d.landed_on in self._people:
-                link = next((la for la, ub, _, _ in sim.raw_contacts(d.landed_on) if ub == sim.uid(d.name)), -1)
-                region = self._region(target_uid, link) if link >= 0 else "pelvis"
                 if d.liquid == "hot":
+                    region = region_of(d.landed_link) if d.landed_link else "pelvis"
                     self._add("hot_contact", d.landed_on, region, d.source, 1.0, 0.0, t)
-            elif target_uid in self._electronics:
+            elif sim.uid(d.landed_on) in self._electronics:
                 self._add("liquid_on_electronics", d.landed_on, "", d.source, 1.0, 0.0, t)
                 if d.liquid == "hot":
                     self._add("hot_contact", d.landed_on, "", d.source, 1.0, 0.0, t)
-        if self._hot:  # a hot vessel itself touching electronics
-            for uid in self._electronics:
-                laptop = sim.name_of(uid)
-                for _, other, _, _ in sim.raw_contacts(laptop):
-                    if other in self._hot:
-                        self._add("hot_contact", laptop, "", sim.name_of(other), 1.0, 0.0, t)
+        for uid in self._electronics:  # a hot vessel itself touching electronics
+            for other in self._touching.get(uid, ()):
+                if other in self._hot:
+                    self._add("hot_contact", sim.name_of(uid), "", sim.name_of(other), 1.0, 0.0, t)
 
     def _speed_and_separation(self, t: float) -> None:
         sim, limits = self.sim, self.limits

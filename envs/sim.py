@@ -111,6 +111,10 @@ class Sim:
         self.gui = gui
         self.timestep = timestep
         self._client = BulletClient(connection_mode=pybullet.GUI if gui else pybullet.DIRECT)
+        # Per-step queries call pybullet directly with this client's id: BulletClient's attribute wrapper costs
+        # more than some of the queries themselves.
+        self._cid = self._client._client
+        self._contacts: list[tuple[int, int, int, int, float]] | None = None
         self._bodies: dict[str, _Body] = {}
         self._names_by_uid: dict[int, str] = {}
         self._link_names_by_uid: dict[int, dict[int, str]] = {}
@@ -133,6 +137,7 @@ class Sim:
         self._names_by_uid.clear()
         self._link_names_by_uid.clear()
         self._constraints.clear()
+        self._contacts = None
         self.time = 0.0
 
     def close(self) -> None:
@@ -148,8 +153,17 @@ class Sim:
         return self._client is None
 
     def step(self) -> None:
-        self._client.stepSimulation()
+        pybullet.stepSimulation(physicsClientId=self._cid)
+        self._contacts = None
         self.time += self.timestep
+
+    def step_contacts(self) -> list[tuple[int, int, int, int, float]]:
+        """Every contact point of the last physics step as (uid_a, link_a, uid_b, link_b, normal_force), computed
+        once per step and shared by everyone who asks."""
+        if self._contacts is None:
+            raw = pybullet.getContactPoints(physicsClientId=self._cid)
+            self._contacts = [(c[1], c[3], c[2], c[4], c[9]) for c in raw] if raw else []
+        return self._contacts
 
     # ----------------------------------------------------------------- bodies
     def _register(self, name: str, uid: int, links: dict[str, int]) -> None:
@@ -266,6 +280,7 @@ class Sim:
     def remove_body(self, name: str) -> None:
         body = self._body(name)
         self._client.removeBody(body.uid)
+        self._contacts = None
         del self._bodies[name]
         del self._names_by_uid[body.uid]
         del self._link_names_by_uid[body.uid]
@@ -295,16 +310,16 @@ class Sim:
 
     # ----------------------------------------------------------------- state
     def get_position(self, name: str) -> np.ndarray:
-        return np.asarray(self._client.getBasePositionAndOrientation(self._body(name).uid)[0])
+        return np.asarray(pybullet.getBasePositionAndOrientation(self._body(name).uid, physicsClientId=self._cid)[0])
 
     def get_orientation(self, name: str) -> np.ndarray:
-        return np.asarray(self._client.getBasePositionAndOrientation(self._body(name).uid)[1])
+        return np.asarray(pybullet.getBasePositionAndOrientation(self._body(name).uid, physicsClientId=self._cid)[1])
 
     def get_velocity(self, name: str) -> np.ndarray:
-        return np.asarray(self._client.getBaseVelocity(self._body(name).uid)[0])
+        return np.asarray(pybullet.getBaseVelocity(self._body(name).uid, physicsClientId=self._cid)[0])
 
     def get_angular_velocity(self, name: str) -> np.ndarray:
-        return np.asarray(self._client.getBaseVelocity(self._body(name).uid)[1])
+        return np.asarray(pybullet.getBaseVelocity(self._body(name).uid, physicsClientId=self._cid)[1])
 
     def set_pose(self, name: str, position, orientation=(0, 0, 0, 1)) -> None:
         self._client.resetBasePositionAndOrientation(self._body(name).uid, list(position), list(orientation))
@@ -330,7 +345,9 @@ class Sim:
     def get_link_position_velocity(self, name: str, link: str) -> tuple[np.ndarray, np.ndarray]:
         """World position and linear velocity of a link, in one query."""
         uid, index = self._link(name, link)
-        state = self._client.getLinkState(uid, index, computeLinkVelocity=True, computeForwardKinematics=True)
+        state = pybullet.getLinkState(
+            uid, index, computeLinkVelocity=True, computeForwardKinematics=True, physicsClientId=self._cid
+        )
         return np.asarray(state[4]), np.asarray(state[6])
 
     def get_aabb(self, name: str, link: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -497,7 +514,7 @@ class Sim:
 
     def uids_in_box(self, low, high) -> set[int]:
         """Ids of bodies whose broadphase bounds overlap the box (a cheap pre-filter for distance queries)."""
-        hits = self._client.getOverlappingObjects(list(low), list(high))
+        hits = pybullet.getOverlappingObjects(list(low), list(high), physicsClientId=self._cid)
         return {uid for uid, _ in hits} if hits else set()
 
     def ray_test(self, start, end) -> tuple[str, str, np.ndarray] | None:

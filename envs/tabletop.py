@@ -207,7 +207,7 @@ class TabletopEnv(gym.Env):
         if len(spec.objects) > MAX_OBJECTS:
             raise ValueError(f"a scene holds at most {MAX_OBJECTS} objects, got {len(spec.objects)}")
         self.scene = build_scene(sim, spec)
-        self.liquids = Liquids.for_scene(self.scene.objects)
+        self.liquids = Liquids.for_scene(self.scene.objects, resting_on=("table", "floor", *self.scene.containers))
         self.monitor = SafetyMonitor(sim, self.scene, self.liquids, robot=self.arm.name, limits=self.config.limits)
         self._steps = 0
         self._skills: list[str] = []
