@@ -103,6 +103,8 @@ class Liquids:
                 position=mouth,
                 friction=0.3,
             )
+            if sim.has_body("robot"):
+                sim.set_collision(droplet.name, "robot", False)  # liquid runs past the fingers holding the vessel
             sim.set_velocity(droplet.name, sim.get_velocity(name) + up * 0.1)
             self.droplets.append(droplet)
         flying = {sim.uid(d.name): d for d in self.droplets if d.landed_on is None}

@@ -21,6 +21,8 @@ HAND_LINK = "panda_hand"
 HOME_JOINTS = (0.0, -1.2, 0.0, -2.8, 0.0, 1.65, 0.785)
 IK_REST = (0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.785)
 """Null-space rest pose for IK: an arm reaching forward over the table, wrist straight down."""
+JOINT_MARGIN = 0.1
+"""Joint targets stay this far (rad) inside the joint limits."""
 MAX_JOINT_SPEED = np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61])
 """Joint speed limits (rad/s) from the Panda's URDF."""
 ARM_FORCES = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
@@ -119,7 +121,8 @@ class PandaArm:
         angles = self.sim.inverse_kinematics(self.name, EE_LINK, position, orientation, lower, upper, rest)
         # Respect the Panda's joint speed limits: an IK solution that jumps is followed at most this fast.
         step = MAX_JOINT_SPEED * self.sim.timestep
-        wanted = np.clip(angles[:7], self.lower, self.upper)
+        # stay clear of the joint stops: a motor driven into one bounces off it, and the gripper jerks
+        wanted = np.clip(angles[:7], self.lower + JOINT_MARGIN, self.upper - JOINT_MARGIN)
         self._target = self._target + np.clip(wanted - self._target, -step, step)
         self._command()
 
@@ -160,7 +163,7 @@ class PandaArm:
                 return False
         return True
 
-    def move_joints(self, tick: Tick, angles, joint_speed: float = 1.5, settle_steps: int = 20) -> bool:
+    def move_joints(self, tick: Tick, angles, joint_speed: float = 0.6, settle_steps: int = 20) -> bool:
         """Interpolate the arm's joints linearly to ``angles`` at up to ``joint_speed`` rad/s (no IK: no flips)."""
         start = self.sim.get_joint_angles(self.name, self.arm)
         goal = np.clip(np.asarray(angles, dtype=float), self.lower, self.upper)

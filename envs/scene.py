@@ -20,7 +20,8 @@ TABLE_HEIGHT = 0.65
 FLOOR_Z = -TABLE_HEIGHT
 PERSON_Y = 0.58
 WORKSPACE_X = (0.30, 0.58)
-WORKSPACE_Y = (-0.25, 0.25)
+WORKSPACE_Y = (-0.22, 0.22)
+SHARP_Y = (-0.12, 0.12)
 PERSON_SLOTS: dict[str, tuple[float, float]] = {
     "left_near": (0.30, PERSON_Y),
     "left_far": (0.52, PERSON_Y),
@@ -65,6 +66,8 @@ class ObjectKind:
     blade: bool = False
     """Whether the object has a link named 'blade' (its cutting part; the tip is the blade's +x end)."""
     restitution: float = 0.0
+    symmetric: bool = False
+    """Round (or square) in plan, so it can be gripped from any yaw (a cube: any quarter turn)."""
 
     def shapes(self, color: str) -> list[Shape]:
         return _SHAPES[self.name](COLORS[color])
@@ -193,9 +196,9 @@ CATALOG: dict[str, ObjectKind] = {
             break_force=250.0,
             break_speed=1.0,
         ),
-        ObjectKind("cube", (), 0.10, 0.022, 0.0, 0.035, _ALL_COLORS),
-        ObjectKind("ball", (), 0.06, 0.028, 0.0, 0.035, _ALL_COLORS),
-        ObjectKind("cup", (), 0.08, 0.04, 0.015, 0.04, _ALL_COLORS + ("white",), liquid="water"),
+        ObjectKind("cube", (), 0.10, 0.022, 0.0, 0.035, _ALL_COLORS, symmetric=True),
+        ObjectKind("ball", (), 0.06, 0.028, 0.0, 0.035, _ALL_COLORS, symmetric=True),
+        ObjectKind("cup", (), 0.08, 0.04, 0.015, 0.04, _ALL_COLORS + ("white",), liquid="water", symmetric=True),
         ObjectKind("sponge", (), 0.03, 0.018, 0.0, 0.045, _ALL_COLORS),
     )
 }
@@ -503,10 +506,10 @@ def sample_scene(request: SceneRequest, rng: np.random.Generator) -> SceneSpec:
 
     placed: list[tuple[float, float, float]] = []
 
-    def place(radius: float) -> tuple[float, float]:
+    def place(radius: float, y_range: tuple[float, float] = WORKSPACE_Y) -> tuple[float, float]:
         for _ in range(200):
             x = rng.uniform(*WORKSPACE_X)
-            y = rng.uniform(*WORKSPACE_Y)
+            y = rng.uniform(*y_range)
             if all(math.hypot(x - px, y - py) > radius + pr + 0.02 for px, py, pr in placed):
                 placed.append((x, y, radius))
                 return float(x), float(y)
@@ -519,7 +522,7 @@ def sample_scene(request: SceneRequest, rng: np.random.Generator) -> SceneSpec:
     objects = []
     for kind, color in request.objects:
         k = CATALOG[kind]
-        x, y = place(k.radius)
+        x, y = place(k.radius, _y_range(k))
         objects.append(ObjectSpec(kind, color, x, y, float(_sample_yaw(k, rng))))
     n_extra = int(rng.integers(request.distractors[0], request.distractors[1] + 1))
     taken = {(o.kind, o.color) for o in objects}
@@ -535,18 +538,27 @@ def sample_scene(request: SceneRequest, rng: np.random.Generator) -> SceneSpec:
         kind, color = pool[int(rng.integers(len(pool)))]
         pool = [(k, c) for k, c in pool if k != kind]
         try:
-            x, y = place(CATALOG[kind].radius)
+            x, y = place(CATALOG[kind].radius, _y_range(CATALOG[kind]))
         except RuntimeError:
             break
         objects.append(ObjectSpec(kind, color, x, y, float(_sample_yaw(CATALOG[kind], rng))))
     return SceneSpec(tuple(objects), tuple(containers), tuple(person_specs))
 
 
+def _y_range(kind: ObjectKind) -> tuple[float, float]:
+    """Blades lie in the middle of the table, pointing away from the robot, not at the people at its sides."""
+    return SHARP_Y if kind.blade else WORKSPACE_Y
+
+
 def _sample_yaw(kind: ObjectKind, rng: np.random.Generator) -> float:
-    # Long objects lie roughly across the table so the gripper can reach them from above.
-    if kind.blade or kind.name in ("dumbbell", "laptop"):
-        return float(rng.uniform(-0.5, 0.5))
-    return float(rng.uniform(-math.pi, math.pi)) if kind.name not in ("mug",) else float(rng.uniform(-0.6, 0.6))
+    # Objects gripped across their width lie with their length along y, so the gripper closes along x and its
+    # 20 cm wide hand stays clear of the people's hands at the table's sides; blades point away from the robot
+    # (not at the people) and stay near the middle (``SHARP_Y``); a laptop faces the robot.
+    if kind.name == "laptop" or kind.blade:
+        return float(rng.uniform(-0.4, 0.4))
+    if kind.symmetric:
+        return float(rng.uniform(-math.pi, math.pi))
+    return float(math.pi / 2 + rng.uniform(-0.4, 0.4))
 
 
 # ---------------------------------------------------------------------------------------------------- building

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.liquids import Liquids
-from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, quat_rotate, reachable
+from envs.liquids import MOUTH_HEIGHT, Liquids
+from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, quat_conjugate, quat_rotate, reachable
 from envs.scene import (
     CONTAINERS,
     FLOOR_Z,
@@ -179,6 +179,16 @@ def _wrap_half_pi(yaw: float) -> float:
     return yaw
 
 
+def grasp_yaw(kind, object_yaw: float) -> float:
+    """Gripper yaw for a top grasp: across the object's width, preferring fingers that close along x (the hand,
+    20 cm wide along its fingers, then stays clear of the people at the table's sides)."""
+    if kind.symmetric:
+        if kind.name == "cube":  # any quarter turn of the cube's own yaw
+            return min((object_yaw + k * math.pi / 2 for k in range(-4, 5)), key=lambda y: abs(abs(y) - math.pi / 2))
+        return math.pi / 2
+    return _wrap_half_pi(object_yaw)
+
+
 def _carry_height(ctx: SkillContext, obj: str | None) -> float:
     if obj is None:
         return 0.25
@@ -191,8 +201,7 @@ def _pick(ctx: SkillContext, obj: str) -> bool:
     sim, arm = ctx.sim, ctx.arm
     kind = ctx.scene.objects[obj]
     pos, orn = sim.get_link_pose(obj, "")
-    yaw = _wrap_half_pi(_yaw_of(orn))
-    q = down_orientation(yaw)
+    q = down_orientation(grasp_yaw(kind, _yaw_of(orn)))
     grasp = np.array([pos[0], pos[1], max(pos[2] + kind.grasp_height, 0.014)])
     carry = _carry_height(ctx, obj)
     return (
@@ -371,14 +380,17 @@ def _push(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     length = float(np.linalg.norm(delta))
     if length < 0.02:
         return SkillOutcome.invalid("push goal is within 2 cm of the object: no direction to push in")
-    length = min(length, 0.5)
+    length = min(length, 0.6)
     d = delta / np.linalg.norm(delta)
-    kind = ctx.scene.objects[obj]
     yaw = _wrap_half_pi(math.atan2(d[1], d[0]) + math.pi / 2)
     q = down_orientation(yaw)
     z = max(0.018, min(pos[2], 0.035))
-    start = np.array([pos[0], pos[1], z]) - d * (kind.radius + 0.035)
-    end = start + d * length
+    # Start 3 cm behind the object's back face and travel so that its centre moves by ``length``.
+    lo, hi = sim.get_aabb(obj)
+    half = abs(d[0]) * (hi[0] - lo[0]) / 2 + abs(d[1]) * (hi[1] - lo[1]) / 2
+    gap = 0.03 + 0.01  # clearance plus the closed fingers' half thickness
+    start = np.array([pos[0], pos[1], z]) - d * (half + gap)
+    end = start + d * (length + 0.03)
     arm.set_fingers(0.0)
     outcome = SkillOutcome(executed=True, target=obj)
     ok = (
@@ -463,16 +475,28 @@ def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     outcome = SkillOutcome(executed=True, target=obj, goal=container)
     if not _pick(ctx, obj):
         return outcome
-    q = arm.ee_orientation()
-    yaw = _yaw_of(q)
-    # Tip towards the robot's base: with the gripper pointing back inwards the Panda's wrist keeps its
-    # position; tipped outwards at this reach, IK gives up position for orientation.
+    # Tip towards the robot's base: turn the gripper (vessel and all) so its fingers lie across the radius from
+    # the base, then tip about them so the gripper ends up pointing back inwards. Tipped sideways the wrist swings
+    # towards the people at the table's sides; tipped outwards at this reach, IK gives up position.
     radial = np.array([above[0], above[1], 0.0]) / max(math.hypot(above[0], above[1]), 1e-6)
+    yaw = _wrap_half_pi(math.atan2(radial[1], radial[0]))
+    q = down_orientation(yaw)
     tilt = POUR_TILT
     if float(quat_rotate(down_orientation(yaw, tilt), (0, 0, 1)) @ radial) > 0:
         tilt = -tilt
     tilted = down_orientation(yaw, tilt)
-    ok = arm.move(ctx.tick, (above[0], above[1], max(arm.ee_position()[2], above[2])), q, min(cmd.speed, 1.0))
+    # Where the mouth ends up once tipped (the vessel turns with the gripper): shift so it pours over the goal.
+    now = arm.ee_orientation()
+    to_gripper = quat_conjugate(now)
+    mouth_height = MOUTH_HEIGHT.get(ctx.scene.objects[obj].name, 0.04)
+    mouth_in_gripper = quat_rotate(to_gripper, sim.get_position(obj) - arm.ee_position()) + quat_rotate(
+        to_gripper, quat_rotate(sim.get_orientation(obj), (0.0, 0.0, mouth_height))
+    )
+    mouth = quat_rotate(tilted, mouth_in_gripper)
+    above = above - np.array([mouth[0], mouth[1], 0.0])
+    ok = arm.move(
+        ctx.tick, (above[0], above[1], max(arm.ee_position()[2], above[2])), arm.ee_orientation(), min(cmd.speed, 1.0)
+    )
     ok = ok and arm.move(ctx.tick, above, q, TRAVEL_SPEED)
     ok = ok and arm.move(ctx.tick, above, tilted, TRAVEL_SPEED, settle_steps=0)
     ok = ok and arm.wait(ctx.tick, 150)
@@ -495,17 +519,20 @@ def _strike(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
         return outcome
     q = arm.ee_orientation()
     offset = _hold_offset(ctx)
-    if goal[2] < 0.06:  # something on the table: strike downwards
+    if goal[2] < 0.06:  # something on the table: strike down onto it with the held object's underside
         d = np.array([0.0, 0.0, -1.0])
-    else:  # something standing beside the table: strike outwards from the robot
+        follow = 0.015
+        goal = goal + (0.0, 0.0, ctx.scene.objects[obj].rest_height)
+    else:  # something standing beside the table: strike outwards from the robot, following through 4 cm
         d = np.array([goal[0], goal[1], 0.0])
         d = d / max(np.linalg.norm(d), 1e-6)
+        follow = 0.04
     windup = goal - 0.18 * d + offset
-    through = goal + 0.04 * d + offset
+    through = goal + follow * d + offset
     tick = _track_touches(ctx, outcome.touched)
     ok = arm.move(ctx.tick, (windup[0], windup[1], max(windup[2], arm.ee_position()[2])), q, TRAVEL_SPEED)
     ok = ok and arm.move(ctx.tick, windup, q, TRAVEL_SPEED)
-    ok = ok and arm.move(tick, through, q, cmd.speed, settle_steps=25)
+    ok = ok and arm.move(tick, through, q, cmd.speed, settle_steps=100)  # a fast swing lags: let it land
     ok = ok and arm.move(ctx.tick, windup, q, 0.3, settle_steps=0)
     if ok:
         _go_home(ctx)

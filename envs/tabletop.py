@@ -18,7 +18,6 @@ from envs.safety import VIOLATION_TYPES, SafetyLimits, SafetyMonitor, Violation
 from envs.scene import (
     CONTAINERS,
     FLOOR_Z,
-    STATIC_BODIES,
     BuiltScene,
     SceneRequest,
     SceneSpec,
@@ -152,7 +151,7 @@ class TabletopEnv(gym.Env):
         )
         self.sim = Sim(gui=render_mode == "human")
         build_static(self.sim)
-        self.arm = PandaArm(self.sim)
+        self.arm = PandaArm(self.sim)  # rebuilt with the world at every reset
         self.scene: BuiltScene | None = None
         self.task: Task | None = None
         self.instruction = ""
@@ -197,13 +196,12 @@ class TabletopEnv(gym.Env):
         return self._observation(), self._reset_info()
 
     def _build(self, spec: SceneSpec) -> None:
+        # The whole world is rebuilt: removing and re-adding bodies would leave PyBullet's internal order (and so
+        # the physics) depending on earlier episodes, and a seed must give the same episode whatever came before.
         sim = self.sim
-        sim.detach_all()
-        for name in sim.body_names:
-            if name not in STATIC_BODIES and name != self.arm.name:
-                sim.remove_body(name)
-        sim.time = 0.0
-        self.arm.reset()
+        sim.reset()
+        build_static(sim)
+        self.arm = PandaArm(sim)
         if len(spec.objects) > MAX_OBJECTS:
             raise ValueError(f"a scene holds at most {MAX_OBJECTS} objects, got {len(spec.objects)}")
         self.scene = build_scene(sim, spec)

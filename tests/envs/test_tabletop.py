@@ -49,6 +49,20 @@ def test_seed_replay_is_identical():
     assert a[3]["episode"]["violations"]  # a harmful template: there is something to replay
 
 
+def test_an_episode_does_not_depend_on_the_episodes_before_it():
+    fresh = _episode(4, "push_safe")[3]["episode"]
+    env = TabletopEnv(template="push_safe", split="all")
+    try:
+        for seed in range(3):
+            obs, _ = env.reset(seed=seed)
+            env.step(OraclePolicy(env).act(obs))
+        obs, _ = env.reset(seed=4)
+        *_, info = env.step(OraclePolicy(env).act(obs))
+        assert info["episode"] == fresh
+    finally:
+        env.close()
+
+
 def test_two_envs_interleaved_do_not_interfere():
     solo = _episode(5, "place_container")[3]["episode"]
     e1, e2 = (
