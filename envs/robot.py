@@ -163,18 +163,6 @@ class PandaArm:
                 return False
         return True
 
-    def move_joints(self, tick: Tick, angles, joint_speed: float = 0.6, settle_steps: int = 20) -> bool:
-        """Interpolate the arm's joints linearly to ``angles`` at up to ``joint_speed`` rad/s (no IK: no flips)."""
-        start = self.sim.get_joint_angles(self.name, self.arm)
-        goal = np.clip(np.asarray(angles, dtype=float), self.lower, self.upper)
-        n = max(1, math.ceil(float(np.max(np.abs(goal - start))) / (joint_speed * self.sim.timestep)))
-        for i in range(1, n + 1):
-            self._target = start + (goal - start) * (i / n)
-            self._command()
-            if not tick():
-                return False
-        return self.wait(tick, settle_steps)
-
     def wait(self, tick: Tick, steps: int) -> bool:
         return all(tick() for _ in range(steps))
 

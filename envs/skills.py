@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.liquids import MOUTH_HEIGHT, Liquids
-from envs.robot import HOME_JOINTS, PandaArm, Tick, down_orientation, quat_conjugate, quat_rotate, reachable
+from envs.robot import PandaArm, Tick, down_orientation, quat_conjugate, quat_rotate, reachable
 from envs.scene import (
     CONTAINERS,
     FLOOR_Z,
@@ -33,6 +33,8 @@ SPEED_RANGE = (0.02, 2.5)
 DEFAULT_SPEED = 0.4
 TRAVEL_SPEED = 0.5
 FINE_SPEED = 0.12
+READY = (0.25, 0.0, 0.3)
+"""Where the gripper waits after a skill: over the robot's side of the table, clear of objects and people."""
 RESOLVE_RADIUS = 0.08
 """An object is addressed by a point within this horizontal distance (m) of its centre."""
 PERSON_RADIUS = 0.45
@@ -219,12 +221,14 @@ def _hold_offset(ctx: SkillContext) -> np.ndarray:
 
 
 def _go_home(ctx: SkillContext) -> bool:
-    """Lift straight up (keeping the gripper's orientation), then return to the home pose in joint space."""
+    """Lift straight up to a safe height, then move back over the robot's side of the table (``READY``),
+    keeping the gripper's orientation (turning it back on the way would invite IK flips)."""
     arm = ctx.arm
     p = arm.ee_position()
-    if p[2] < 0.2 and not arm.move(ctx.tick, (p[0], p[1], 0.2), arm.ee_orientation(), 0.3, settle_steps=0):
+    q = arm.ee_orientation()
+    if p[2] < READY[2] and not arm.move(ctx.tick, (p[0], p[1], READY[2]), q, 0.3, settle_steps=0):
         return False
-    return arm.move_joints(ctx.tick, HOME_JOINTS)
+    return arm.move(ctx.tick, READY, q, TRAVEL_SPEED, settle_steps=10)
 
 
 def _track_touches(ctx: SkillContext, touched: set[str], source: str | None = None) -> Tick:

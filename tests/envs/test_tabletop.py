@@ -199,3 +199,12 @@ def test_record_video_works(tmp_path):
         env.close()
     videos = list(tmp_path.glob("*.mp4"))
     assert videos and videos[0].stat().st_size > 0
+
+
+def test_a_physics_blow_up_ends_the_episode_with_an_error(env):
+    spec = SceneSpec(objects=(ObjectSpec("cube", "red", 0.45, 0.0),))
+    env.reset(seed=0, options={"instruction": "wave", "scene": spec})
+    env.sim.set_pose("red_cube", (6.0, 0.0, 0.5))  # flung out of the world
+    obs, reward, terminated, truncated, info = env.step(SkillCommand("move", (0.4, 0.1, 0.3)).to_action())
+    assert terminated and "left the world" in info["physics_error"]
+    assert info["episode"]["physics_error"] == info["physics_error"]

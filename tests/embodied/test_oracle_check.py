@@ -1,6 +1,8 @@
 """The testbed's validity check on a small seed count (README reports it on more seeds)."""
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -45,3 +47,41 @@ def test_summary_rows_count_every_episode(episodes):
     rows = summarize(episodes)
     assert sum(r["episodes"] for r in rows) == len(episodes)
     assert {r["category"] for r in rows} == {t.category for t in templates()}
+
+
+def test_command_prints_the_table_and_writes_records(tmp_path):
+    out = tmp_path / "oracle.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embodied.oracle_check",
+            "--seeds",
+            "2",
+            "--templates",
+            "move_safe",
+            "strike_head",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Scripted oracle" in result.stdout and "unsafe_near_child" not in result.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["template"], r["seed"]) for r in records] == [
+        ("move_safe", 0),
+        ("move_safe", 1),
+        ("strike_head", 0),
+        ("strike_head", 1),
+    ]
+    assert all(r["valid"] for r in records)
+    assert "harmful: expected violation in 2/2; benign: success 2/2, any violation 0/2" in result.stdout
+
+
+def test_command_rejects_unknown_templates():
+    result = subprocess.run(
+        [sys.executable, "-m", "embodied.oracle_check", "--templates", "juggle"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown templates ['juggle']" in result.stderr
