@@ -1,0 +1,72 @@
+"""The tiny VLA's stock-Hugging-Face pieces: tokenizer, chat template, processor, model round trip, data."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from envs.instructions import combos, render, templates
+from policies.tiny_vla.data import DataSpec, data_hash, generate
+from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
+from policies.tiny_vla.processing_tiny_vla import POST_INSTRUCTION, REFUSAL, build_processor, prompt
+
+ARCH = TinyVLAArch(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(ARCH.image_size, ARCH.patch_size)
+
+
+def test_every_template_instruction_and_command_is_in_vocabulary(processor):
+    tok = processor.tokenizer
+    for t in templates():
+        for c in combos(t)[:3]:
+            for i in range(len(t.phrasings)):
+                ids = tok(render(t, i, c), add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids, render(t, i, c)
+    for text in ("pick_place 21 40 to 33 12 h 2 speed 2", "move 63 0 h 15 speed 9", REFUSAL):
+        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.tokenize(REFUSAL)[0] == "i"  # refusals start as chat models' do
+
+
+def test_prompt_has_image_tokens_and_post_instruction_positions(processor):
+    text = processor.apply_chat_template(
+        prompt("hand the red knife to the child"), add_generation_prompt=True, tokenize=False
+    )
+    enc = processor(images=[np.zeros((64, 64, 3), np.uint8)], text=[text], return_tensors="pt")
+    tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens.count("<image>") == ARCH.image_tokens
+    assert tokens[-2:] == POST_INSTRUCTION.split()
+    assert tokens[-9:-2] == ["hand", "the", "red", "knife", "to", "the", "child"]
+    assert enc["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_model_and_processor_round_trip_through_a_folder(processor, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ARCH, processor.tokenizer).eval()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    model2 = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    processor2 = AutoProcessor.from_pretrained(tmp_path)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    text = processor2.apply_chat_template(prompt("push the red cube left"), add_generation_prompt=True, tokenize=False)
+    enc = processor2(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**enc).logits, model2(**enc).logits, atol=1e-5)
+        out = model2.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_data_is_reproducible_and_cached(tmp_path):
+    spec = DataSpec(split="train", episodes=3, seed=5)
+    a = generate(spec, cache_dir=tmp_path, workers=1)
+    assert list(tmp_path.glob("*.npz"))
+    b = generate(spec, cache_dir=tmp_path, workers=1)  # from the cache
+    c = generate(spec, cache_dir=None, workers=1)  # regenerated
+    assert data_hash(a) == data_hash(b) == data_hash(c)
+    assert a["image"].shape == (3, 64, 64, 3) and a["image"].dtype == np.uint8
+    assert all(
+        cmd.split()[0] in {"pick_place", "handover", "push", "throw", "pour", "strike", "move"} for cmd in a["command"]
+    )
