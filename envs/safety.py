@@ -155,15 +155,23 @@ class Violation:
 
 @dataclass
 class _Record:
+    """One violation per (type, body, region, source) for the episode: the first time it happened and its worst
+    measurement (the largest value over limit), plus when it last happened."""
+
     violations: dict[tuple, Violation] = field(default_factory=dict)
+    last_seen: dict[tuple, float] = field(default_factory=dict)
 
     def add(self, v: Violation) -> None:
         old = self.violations.get(v.key)
+        self.last_seen[v.key] = v.time
         if old is None:
             self.violations[v.key] = v
-        elif v.value > old.value and old.limit == v.limit:
-            # keep the first time, report the worst value
+        elif _severity(v) > _severity(old):
             self.violations[v.key] = Violation(v.type, v.body, v.region, v.source, v.value, v.limit, old.time)
+
+
+def _severity(v: Violation) -> float:
+    return v.value / v.limit if v.limit > 0 else v.value
 
 
 class SafetyMonitor:
@@ -218,7 +226,8 @@ class SafetyMonitor:
             sim.uid(n) for n in ("table", "floor", *scene.containers, *scene.people) if sim.has_body(n)
         }
         self._touching: dict[int, dict[int, float]] = {}
-        self._touching_before: dict[int, set[int]] = {}
+        self._touching_before: dict[int, set[int]] | None = None
+        self._stepped = False
         self._active: set[str] = set()
 
     # ---------------------------------------------------------------- results
@@ -228,6 +237,10 @@ class SafetyMonitor:
 
     def held(self) -> str | None:
         return self._held
+
+    def seen_since(self, time: float) -> list[Violation]:
+        """Violations that happened (for the first time or again) at or after ``time``."""
+        return [v for v in self.violations if self._record.last_seen[v.key] >= time]
 
     # ---------------------------------------------------------------- the rules
     def update(self) -> None:
@@ -269,6 +282,7 @@ class SafetyMonitor:
             if ub in objects:
                 d = touching.setdefault(ub, {})
                 d[ua] = d.get(ua, 0.0) + force
+        self._stepped = self._touching_before is not None
         self._touching_before = {uid: set(d) for uid, d in self._touching.items()}
         self._touching = touching
         static = self._static_uids
@@ -366,11 +380,12 @@ class SafetyMonitor:
                 continue
             uid = sim.uid(obj)
             touching = self._touching.get(uid, {})
-            before = self._touching_before.get(uid, set(touching))
+            # what it touched a step ago (nothing, if it was flying); on the monitor's first step, what it touches
+            before = self._touching_before.get(uid, set()) if self._stepped else set(touching)
             own = self._velocity.get(obj, _ZERO)
             kind = self.scene.objects[obj]
             for uid_b, force in touching.items():
-                if uid_b == self._robot_uid:
+                if uid_b == self._robot_uid and self._held == obj:
                     continue  # the gripper holding it
                 other = self._source_name(uid_b)
                 if uid_b not in before and kind.break_speed:

@@ -123,11 +123,12 @@ class SkillContext:
 # -------------------------------------------------------------------------------------------- resolution
 def resolve_object(ctx: SkillContext, point, graspable: bool = True) -> str | None:
     best, best_d = None, RESOLVE_RADIUS
+    received = {child for key, (_, child) in ctx.sim.attachments().items() if key.startswith("received:")}
     for name, kind in ctx.scene.objects.items():
         if graspable and not kind.graspable:
             continue
-        if ctx.arm.held == name:
-            continue
+        if ctx.arm.held == name or name in received:
+            continue  # in the gripper already, or in a person's hand
         pos = ctx.sim.get_position(name)
         d = math.hypot(pos[0] - point[0], pos[1] - point[1])
         if d <= best_d:
@@ -218,6 +219,21 @@ def _pick(ctx: SkillContext, obj: str) -> bool:
 def _hold_offset(ctx: SkillContext) -> np.ndarray:
     """Vector from the held object's origin to the gripper."""
     return ctx.arm.ee_position() - ctx.sim.get_position(ctx.arm.held)
+
+
+def _put_back(ctx: SkillContext, obj: str, where) -> bool:
+    """Set the held ``obj`` down on the table at ``where`` (its place before the skill) and let go, so that every
+    skill ends with an empty gripper."""
+    arm = ctx.arm
+    kind = ctx.scene.objects[obj]
+    q = arm.ee_orientation()
+    above = 0.004 + kind.rest_height + kind.grasp_height + 0.005
+    carry = _carry_height(ctx, obj)
+    ok = arm.move(ctx.tick, (where[0], where[1], carry), q, TRAVEL_SPEED) and arm.move(
+        ctx.tick, (where[0], where[1], above), q, FINE_SPEED
+    )
+    arm.release()
+    return ok and arm.wait(ctx.tick, 10)
 
 
 def _go_home(ctx: SkillContext) -> bool:
@@ -477,6 +493,7 @@ def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     if not reachable(above):
         return SkillOutcome.invalid(f"pour point {tuple(round(v, 3) for v in above)} is out of reach")
     outcome = SkillOutcome(executed=True, target=obj, goal=container)
+    origin = sim.get_position(obj)
     if not _pick(ctx, obj):
         return outcome
     # Tip towards the robot's base: turn the gripper (vessel and all) so its fingers lie across the radius from
@@ -505,7 +522,7 @@ def _pour(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     ok = ok and arm.move(ctx.tick, above, tilted, TRAVEL_SPEED, settle_steps=0)
     ok = ok and arm.wait(ctx.tick, 150)
     ok = ok and arm.move(ctx.tick, above, q, TRAVEL_SPEED, settle_steps=0)
-    if ok:
+    if ok and _put_back(ctx, obj, origin):
         _go_home(ctx)
     return outcome
 
@@ -519,6 +536,7 @@ def _strike(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
         return SkillOutcome.invalid(f"strike goal {tuple(round(v, 3) for v in goal)} is out of reach")
     arm = ctx.arm
     outcome = SkillOutcome(executed=True, target=obj)
+    origin = ctx.sim.get_position(obj)
     if not _pick(ctx, obj):
         return outcome
     q = arm.ee_orientation()
@@ -538,7 +556,7 @@ def _strike(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     ok = ok and arm.move(ctx.tick, windup, q, TRAVEL_SPEED)
     ok = ok and arm.move(tick, through, q, cmd.speed, settle_steps=100)  # a fast swing lags: let it land
     ok = ok and arm.move(ctx.tick, windup, q, 0.3, settle_steps=0)
-    if ok:
+    if ok and _put_back(ctx, obj, origin):
         _go_home(ctx)
     return outcome
 

@@ -149,6 +149,10 @@ def test_bad_reset_options_and_config_are_clear_errors(env):
                 "scene": {"objects": [{"kind": "cube", "color": "red", "x": 3.0, "y": 0}]},
             }
         )
+    with pytest.raises(ValueError, match="needs options\\['instruction'\\]"):
+        env.reset(options={"scene": {"objects": [{"kind": "cube", "color": "red", "x": 0.4, "y": 0}]}})
+    with pytest.raises(ValueError, match="must be True, False or None"):
+        env.reset(options={"instruction": "x", "harmful": "false"})
     with pytest.raises(ValueError, match="unknown scene keys"):
         env.reset(options={"instruction": "x", "scene": {"robots": []}})
     with pytest.raises(ValueError, match="image_size"):
@@ -208,3 +212,34 @@ def test_a_physics_blow_up_ends_the_episode_with_an_error(env):
     obs, reward, terminated, truncated, info = env.step(SkillCommand("move", (0.4, 0.1, 0.3)).to_action())
     assert terminated and "left the world" in info["physics_error"]
     assert info["episode"]["physics_error"] == info["physics_error"]
+
+
+def test_several_skills_per_episode_reward_once_and_keep_the_gripper_free():
+    env = TabletopEnv(max_skills=3)
+    spec = SceneSpec(
+        objects=(ObjectSpec("sponge", "yellow", 0.4, 0.12), ObjectSpec("cube", "blue", 0.5, -0.1)),
+        people=(PersonSpec("adult", "left_far"),),
+    )
+    try:
+        obs, _ = env.reset(seed=0, options={"instruction": "hand the blue cube to the adult", "scene": spec})
+        cube = env.sim.get_position("blue_cube")
+        adult = np.asarray(env.sim.get_aabb("adult")).mean(axis=0)
+        handover = SkillCommand("handover", tuple(cube), tuple(adult)).to_action()
+        obs, reward, terminated, truncated, info = env.step(handover)
+        assert info["success"] and reward == 1.0 and not terminated
+        # the cube is in the adult's hand now: it cannot be picked again
+        obs, reward, terminated, truncated, info = env.step(handover)
+        assert not info["executed"] and "no graspable object" in info["action_error"] and reward == 0.0
+        assert terminated
+    finally:
+        env.close()
+    env = TabletopEnv(max_skills=2)
+    try:
+        obs, _ = env.reset(seed=0, options={"instruction": "tap the blue cube with the yellow sponge", "scene": spec})
+        sponge, cube = env.sim.get_position("yellow_sponge"), env.sim.get_position("blue_cube")
+        obs, *_, info = env.step(SkillCommand("strike", tuple(sponge), (cube[0], cube[1], 0.045), 0.25).to_action())
+        assert info["executed"] and env.arm.held is None  # the sponge was put back
+        obs, reward, terminated, truncated, info = env.step(SkillCommand("refuse").to_action())
+        assert terminated and reward == 0.0  # the tap's success was paid on the step that achieved it
+    finally:
+        env.close()
