@@ -101,9 +101,6 @@ class PandaArm:
     def ee_orientation(self) -> np.ndarray:
         return self.sim.get_link_pose(self.name, EE_LINK)[1]
 
-    def ee_velocity(self) -> np.ndarray:
-        return self.sim.get_link_velocity(self.name, EE_LINK)
-
     def joint_angles(self) -> np.ndarray:
         return self.sim.get_joint_angles(self.name, self.arm + self.fingers)
 

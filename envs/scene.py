@@ -8,7 +8,7 @@ fixed bodies (they do not move or recoil), built from primitives with one link p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -453,12 +453,6 @@ class SceneSpec:
             zones=tuple(zones),
         )
 
-    def object_named(self, name: str) -> ObjectSpec:
-        for o in self.objects:
-            if o.name == name:
-                return o
-        raise KeyError(f"no object {name!r} in scene; objects: {[o.name for o in self.objects]}")
-
 
 def _check_on_table(what: str, x: float, y: float) -> None:
     if not (np.isfinite(x) and np.isfinite(y)):
@@ -571,9 +565,6 @@ class BuiltScene:
     containers: dict[str, ContainerKind] = field(default_factory=dict)
     people: dict[str, PersonKind] = field(default_factory=dict)
 
-    def kind_of(self, name: str) -> ObjectKind:
-        return self.objects[name]
-
 
 STATIC_BODIES = ("floor", "table")
 
@@ -627,7 +618,3 @@ def build_scene(sim: Sim, spec: SceneSpec) -> BuiltScene:
 
 def _yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
     return (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
-
-
-def with_objects(spec: SceneSpec, *objects: ObjectSpec) -> SceneSpec:
-    return replace(spec, objects=spec.objects + tuple(objects))

@@ -335,13 +335,6 @@ class Sim:
             pos, orn = self._client.getLinkState(uid, index, computeForwardKinematics=True)[4:6]
         return np.asarray(pos), np.asarray(orn)
 
-    def get_link_velocity(self, name: str, link: str) -> np.ndarray:
-        uid, index = self._link(name, link)
-        if index == -1:
-            return np.asarray(self._client.getBaseVelocity(uid)[0])
-        state = self._client.getLinkState(uid, index, computeLinkVelocity=True, computeForwardKinematics=True)
-        return np.asarray(state[6])
-
     def get_link_position_velocity(self, name: str, link: str) -> tuple[np.ndarray, np.ndarray]:
         """World position and linear velocity of a link, in one query."""
         uid, index = self._link(name, link)
@@ -361,10 +354,6 @@ class Sim:
             lows.append(lo)
             highs.append(hi)
         return np.min(lows, axis=0), np.max(highs, axis=0)
-
-    def set_color(self, name: str, rgba, link: str = "") -> None:
-        uid, index = self._link(name, link)
-        self._client.changeVisualShape(uid, index, rgbaColor=list(rgba))
 
     # ----------------------------------------------------------------- joints (robots)
     def joint_indices(self, name: str, joint_names: Sequence[str]) -> list[int]:
@@ -447,10 +436,6 @@ class Sim:
         if entry is not None:
             self._client.removeConstraint(entry[0])
 
-    def detach_all(self) -> None:
-        for key in list(self._constraints):
-            self.detach(key)
-
     def attachments(self) -> dict[str, tuple[str, str]]:
         """Constraint key -> (parent body, child body)."""
         return {key: (parent, child) for key, (_, parent, child) in self._constraints.items()}
@@ -472,9 +457,6 @@ class Sim:
         else:
             raw = p.getContactPoints(bodyA=uid, bodyB=self._body(other).uid)
         return [self._contact(c) for c in raw]
-
-    def all_contacts(self) -> list[Contact]:
-        return [self._contact(c) for c in self._client.getContactPoints()]
 
     def raw_contacts(self, name: str):
         """Contacts of ``name`` as (link_a, uid_b, link_b, normal_force) tuples, for hot loops."""
@@ -516,20 +498,6 @@ class Sim:
         """Ids of bodies whose broadphase bounds overlap the box (a cheap pre-filter for distance queries)."""
         hits = pybullet.getOverlappingObjects(list(low), list(high), physicsClientId=self._cid)
         return {uid for uid, _ in hits} if hits else set()
-
-    def ray_test(self, start, end) -> tuple[str, str, np.ndarray] | None:
-        """First body hit on the segment, as (body, link, point), or None."""
-        hit = self._client.rayTest(list(start), list(end))[0]
-        if hit[0] < 0:
-            return None
-        return self._names_by_uid.get(hit[0], "?"), self.link_name_of(hit[0], hit[1]), np.asarray(hit[3])
-
-    # ----------------------------------------------------------------- state snapshots
-    def save_state(self) -> int:
-        return self._client.saveState()
-
-    def restore_state(self, state_id: int) -> None:
-        self._client.restoreState(stateId=state_id)
 
     # ----------------------------------------------------------------- rendering
     def render(self, camera: CameraSpec, width: int, height: int) -> np.ndarray:

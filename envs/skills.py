@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.liquids import MOUTH_HEIGHT, Liquids
+from envs.liquids import MOUTH_HEIGHT
 from envs.robot import PandaArm, Tick, down_orientation, quat_conjugate, quat_rotate, reachable
 from envs.scene import (
     CONTAINERS,
@@ -111,12 +111,11 @@ class SkillOutcome:
 
 @dataclass
 class SkillContext:
-    """What a skill needs: the physics, the arm, the scene, the liquids and the env's tick."""
+    """What a skill needs: the physics, the arm, the scene and the env's tick."""
 
     sim: Sim
     arm: PandaArm
     scene: BuiltScene
-    liquids: Liquids
     tick: Tick
 
 
@@ -192,9 +191,7 @@ def grasp_yaw(kind, object_yaw: float) -> float:
     return _wrap_half_pi(object_yaw)
 
 
-def _carry_height(ctx: SkillContext, obj: str | None) -> float:
-    if obj is None:
-        return 0.25
+def _carry_height(ctx: SkillContext, obj: str) -> float:
     k = ctx.scene.objects[obj]
     return max(0.25, 0.2 + k.grasp_height + k.rest_height)
 
@@ -221,19 +218,21 @@ def _hold_offset(ctx: SkillContext) -> np.ndarray:
     return ctx.arm.ee_position() - ctx.sim.get_position(ctx.arm.held)
 
 
-def _put_back(ctx: SkillContext, obj: str, where) -> bool:
-    """Set the held ``obj`` down on the table at ``where`` (its place before the skill) and let go, so that every
-    skill ends with an empty gripper."""
+def _set_down(ctx: SkillContext, obj: str, x: float, y: float, bottom: float, speed: float = TRAVEL_SPEED) -> bool:
+    """Carry the held ``obj`` over (x, y), lower it until its underside is 5 mm above ``bottom`` and let go."""
     arm = ctx.arm
     kind = ctx.scene.objects[obj]
     q = arm.ee_orientation()
-    above = 0.004 + kind.rest_height + kind.grasp_height + 0.005
-    carry = _carry_height(ctx, obj)
-    ok = arm.move(ctx.tick, (where[0], where[1], carry), q, TRAVEL_SPEED) and arm.move(
-        ctx.tick, (where[0], where[1], above), q, FINE_SPEED
+    ok = arm.move(ctx.tick, (x, y, _carry_height(ctx, obj)), q, speed) and arm.move(
+        ctx.tick, (x, y, bottom + kind.rest_height + kind.grasp_height + 0.005), q, FINE_SPEED
     )
     arm.release()
-    return ok and arm.wait(ctx.tick, 10)
+    return ok and arm.wait(ctx.tick, 20)
+
+
+def _put_back(ctx: SkillContext, obj: str, where) -> bool:
+    """Set the held ``obj`` down where it stood before the skill, so that every skill ends with an empty gripper."""
+    return _set_down(ctx, obj, where[0], where[1], 0.004)
 
 
 def _go_home(ctx: SkillContext) -> bool:
@@ -313,16 +312,9 @@ def _pick_place(cmd: SkillCommand, ctx: SkillContext) -> SkillOutcome:
     if not _pick(ctx, obj):
         return outcome
     arm = ctx.arm
-    q = arm.ee_orientation()
-    above = goal[2] + kind.rest_height + kind.grasp_height
-    carry = _carry_height(ctx, obj)
-    speed = min(cmd.speed, 1.0)
-    ok = arm.move(ctx.tick, (goal[0], goal[1], carry), q, speed) and arm.move(
-        ctx.tick, (goal[0], goal[1], above + 0.005), q, FINE_SPEED
-    )
-    arm.release()
-    ok = ok and arm.wait(ctx.tick, 20)
-    ok = ok and arm.move(ctx.tick, (goal[0], goal[1], carry), q, 0.3, settle_steps=0)
+    ok = _set_down(ctx, obj, goal[0], goal[1], goal[2], speed=min(cmd.speed, 1.0))
+    carry = (goal[0], goal[1], _carry_height(ctx, obj))
+    ok = ok and arm.move(ctx.tick, carry, arm.ee_orientation(), 0.3, settle_steps=0)
     if ok:
         _go_home(ctx)
     return outcome

@@ -232,7 +232,7 @@ class TabletopEnv(gym.Env):
         cmd = SkillCommand.from_action(action)
         step_start = self.sim.time
         self._deadline = self.sim.time + self.config.max_skill_time
-        ctx = SkillContext(self.sim, self.arm, self.scene, self.liquids, self._tick)
+        ctx = SkillContext(self.sim, self.arm, self.scene, self._tick)
         outcome = run_skill(cmd, ctx)
         self._deadline = math.inf
         self._skills.append(cmd.skill)
