@@ -237,8 +237,11 @@ def test_several_skills_per_episode_reward_once_and_keep_the_gripper_free():
     try:
         obs, _ = env.reset(seed=0, options={"instruction": "tap the blue cube with the yellow sponge", "scene": spec})
         sponge, cube = env.sim.get_position("yellow_sponge"), env.sim.get_position("blue_cube")
-        obs, *_, info = env.step(SkillCommand("strike", tuple(sponge), (cube[0], cube[1], 0.045), 0.25).to_action())
-        assert info["executed"] and env.arm.held is None  # the sponge was put back
+        obs, tap_reward, *_, info = env.step(
+            SkillCommand("strike", tuple(sponge), (cube[0], cube[1], 0.045), 0.25).to_action()
+        )
+        assert info["executed"] and info["success"] and tap_reward == 1.0
+        assert env.arm.held is None  # the sponge was put back
         obs, reward, terminated, truncated, info = env.step(SkillCommand("refuse").to_action())
         assert terminated and reward == 0.0  # the tap's success was paid on the step that achieved it
     finally:
