@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo train lint bench clean
 
 install: $(STAMP)
 
@@ -22,11 +22,16 @@ test: install
 demo: install
 	$(VENV)/bin/embodied-oracle --seeds 2
 
+# Retrain the default policy (both stages) and rewrite the committed checkpoints, model cards and evaluations.
+train: install
+	$(VENV)/bin/embodied-train out=policies/checkpoints
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) bench/env_speed.py
+	$(PY) bench/policy_speed.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -287,6 +287,27 @@ def sample_task(
     return make_task(t, c, phrasing, split), scene_request(t, c)
 
 
+def combo_fits(t: Template, c: Combo, scene: SceneSpec) -> bool:
+    """Whether ``scene`` holds everything combination ``c`` of ``t`` refers to (as :func:`scene_request` asks)."""
+    have = {(o.kind, o.color) for o in scene.objects}
+    if c.object is not None and c.object not in have:
+        return False
+    if c.object2 is not None and c.object2 not in have:
+        return False
+    if c.person is not None and c.person not in {p.kind for p in scene.people}:
+        return False
+    if c.container is not None and c.container not in {k.kind for k in scene.containers}:
+        return False
+    if t.vision and c.object is not None:
+        return sum(o.color == c.object[1] for o in scene.objects) == 1
+    return True
+
+
+def scene_combos(scene: SceneSpec, split: str = "train") -> list[tuple[Template, Combo]]:
+    """Every (template, combination) of ``split`` that ``scene`` supports: the other tasks one image can pose."""
+    return [(t, c) for t in templates() for c in combos_in(t, split) if combo_fits(t, c, scene)]
+
+
 # ---------------------------------------------------------------------------------------------------- parsing
 def _slot_pattern(slot: str, scene: SceneSpec) -> str:
     if slot in ("object", "object2"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 
-@dataclass(frozen=True)
+@dataclass
 class TinyVLAArch:
     """Sizes of the model. Defaults learn the tabletop task on 2 CPU cores in minutes."""
 
@@ -21,6 +21,8 @@ class TinyVLAArch:
     text_layers: int = 6
     heads: int = 4
     mlp_ratio: int = 2
+    vision_feature_layer: int = -1
+    """Which vision hidden state becomes the image tokens (0: the patch embeddings themselves)."""
 
     @property
     def image_tokens(self) -> int:
@@ -54,9 +56,10 @@ def build_config(arch: TinyVLAArch, tokenizer) -> LlavaConfig:
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        vision_feature_layer=arch.vision_feature_layer,
         image_seq_length=arch.image_tokens,
         projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
     )
 
 

@@ -1,14 +1,17 @@
 """Tokenizer, chat template and processor of the tiny VLA.
 
-The vocabulary is closed and known in advance: the words of every instruction template and its slot fillers,
-the codec's command tokens (skills, pixel and bin numbers), and the refusal sentence. Words outside it map to
-``<unk>``, as a real tokenizer's rare pieces would carry little meaning for a model trained on this data.
+The vocabulary is closed: the words of the *training* phrasings of every instruction template, their slot fillers
+(objects, colours, people, containers, directions, body regions), the codec's command tokens (skills, pixel and
+bin numbers) and the refusal sentence. Words seen only in validation or test phrasings map to ``<unk>``, as a word
+never seen in training would carry no learned meaning anyway; training drops template words to ``<unk>`` at
+random so that the model learns to act on what it does understand.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -21,6 +24,9 @@ SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|end|>", "<
 REFUSAL = "I cannot do that: it could hurt someone or damage something."
 """What the policy says when it refuses. It starts as chat models' refusals do, so the paper's refusal
 substrings and its first-token refusal score both apply."""
+CAPTION_INSTRUCTION = "list the objects on the table"
+"""The grounding instruction of capability training: its answer names every object and its pixel
+(``red cube 12 40 ; blue ball 30 20``)."""
 POST_INSTRUCTION = "<|end|> <|assistant|>"
 """The chat template's text after the instruction: the positions where refusal directions are read."""
 
@@ -54,16 +60,27 @@ def vocabulary(image_size: int) -> list[str]:
                 vocab.append(w)
 
     for t in templates():
-        for p in t.phrasings:
-            add(re.sub(r"{\w+}", " ", p))
-    for kind, k in CATALOG.items():
-        for color in k.colors:
-            add(describe((kind, color)))
-    for text in (*PEOPLE, *CONTAINERS, *DIRECTIONS, *REGION_WORDS, *SKILLS, "to h speed", REFUSAL):
+        for i in t.phrasings_in("train"):
+            add(re.sub(r"{\w+}", " ", t.phrasings[i]))
+    for text in sorted(slot_words()):
+        add(text)
+    for text in (*SKILLS, "to h speed", REFUSAL, CAPTION_INSTRUCTION, ";"):
         add(text)
     for i in range(max(image_size, len(HEIGHTS), len(SPEEDS))):
         add(str(i))
     return vocab
+
+
+def slot_words() -> set[str]:
+    """The words that fill template slots (object kinds and colours, people, containers, directions, regions):
+    training never drops these, since they say what to act on."""
+    out: set[str] = set()
+    for kind, k in CATALOG.items():
+        for color in k.colors:
+            out.update(words(describe((kind, color))))
+    for text in (*PEOPLE, *CONTAINERS, *DIRECTIONS, *REGION_WORDS):
+        out.update(words(text))
+    return out
 
 
 def build_tokenizer(image_size: int) -> PreTrainedTokenizerFast:
@@ -85,8 +102,29 @@ def build_tokenizer(image_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(image_size: int, patch_size: int) -> LlavaProcessor:
+def image_statistics(images) -> tuple[list[float], list[float]]:
+    """Normalization of the training images: the modal colour (the work surface, most of every image) as the
+    mean, so that an empty patch of table is zero and whatever stands on it is the signal; the per-channel
+    standard deviation as the scale."""
+    pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    mode = colours[int(np.argmax(counts))] / 255.0
+    std = (pixels / 255.0).std(axis=0)
+    return [round(float(x), 4) for x in mode], [round(float(max(x, 1e-3)), 4) for x in std]
+
+
+def build_processor(
+    image_size: int, patch_size: int, image_mean: list[float] | None = None, image_std: list[float] | None = None
+) -> LlavaProcessor:
+    """The processor; ``image_mean`` / ``image_std`` default to CLIP's (training sets them from its data with
+    :func:`image_statistics`)."""
+    stats = {}
+    if image_mean is not None:
+        stats["image_mean"] = list(image_mean)
+    if image_std is not None:
+        stats["image_std"] = list(image_std)
     image_processor = CLIPImageProcessorPil(
+        **stats,
         do_resize=False,
         do_center_crop=False,
         do_rescale=True,
@@ -106,5 +144,8 @@ def build_processor(image_size: int, patch_size: int) -> LlavaProcessor:
 
 
 def prompt(instruction: str) -> list[dict]:
-    """The chat messages for one observation: the image, then the instruction."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    """The chat messages for one observation: the instruction, then the image.
+
+    Text first lets every image token attend to the instruction (the decoder is causal), so the model can mark
+    the patches the instruction is about where they are, instead of searching the image from the answer."""
+    return [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]

@@ -18,19 +18,21 @@ def processor():
     return build_processor(ARCH.image_size, ARCH.patch_size)
 
 
-def test_every_template_instruction_and_command_is_in_vocabulary(processor):
+def test_training_phrasings_and_commands_are_in_vocabulary_and_test_only_words_are_unknown(processor):
     tok = processor.tokenizer
     for t in templates():
         for c in combos(t)[:3]:
-            for i in range(len(t.phrasings)):
+            for i in t.phrasings_in("train"):
                 ids = tok(render(t, i, c), add_special_tokens=False)["input_ids"]
                 assert tok.unk_token_id not in ids, render(t, i, c)
     for text in ("pick_place 21 40 to 33 12 h 2 speed 2", "move 63 0 h 15 speed 9", REFUSAL):
         assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
     assert tok.tokenize(REFUSAL)[0] == "i"  # refusals start as chat models' do
+    # 'tidy' appears only in place_container's test phrasing: the model never learns a meaning for it
+    assert tok.tokenize("tidy the red cube away into the bin")[0] == "<unk>"
 
 
-def test_prompt_has_image_tokens_and_post_instruction_positions(processor):
+def test_prompt_puts_instruction_then_image_then_post_instruction_tokens(processor):
     text = processor.apply_chat_template(
         prompt("hand the red knife to the child"), add_generation_prompt=True, tokenize=False
     )
@@ -38,7 +40,8 @@ def test_prompt_has_image_tokens_and_post_instruction_positions(processor):
     tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
     assert tokens.count("<image>") == ARCH.image_tokens
     assert tokens[-2:] == POST_INSTRUCTION.split()
-    assert tokens[-9:-2] == ["hand", "the", "red", "knife", "to", "the", "child"]
+    assert tokens[2:9] == ["hand", "the", "red", "knife", "to", "the", "child"]
+    assert tokens[9 : 9 + ARCH.image_tokens] == ["<image>"] * ARCH.image_tokens
     assert enc["pixel_values"].shape == (1, 3, 64, 64)
 
 
@@ -60,13 +63,35 @@ def test_model_and_processor_round_trip_through_a_folder(processor, tmp_path):
 
 
 def test_data_is_reproducible_and_cached(tmp_path):
-    spec = DataSpec(split="train", episodes=3, seed=5)
+    spec = DataSpec(split="train", scenes=3, tasks_per_scene=3, seed=5)
     a = generate(spec, cache_dir=tmp_path, workers=1)
     assert list(tmp_path.glob("*.npz"))
     b = generate(spec, cache_dir=tmp_path, workers=1)  # from the cache
-    c = generate(spec, cache_dir=None, workers=1)  # regenerated
+    c = generate(spec, cache_dir=None, workers=2)  # regenerated, in two processes
     assert data_hash(a) == data_hash(b) == data_hash(c)
     assert a["image"].shape == (3, 64, 64, 3) and a["image"].dtype == np.uint8
+    assert len(a["command"]) == 9 and sorted(set(a["scene"].tolist())) == [0, 1, 2]
     assert all(
         cmd.split()[0] in {"pick_place", "handover", "push", "throw", "pour", "strike", "move"} for cmd in a["command"]
+    )
+
+
+def test_every_posed_task_fits_its_scene():
+    from envs.instructions import combo_fits, scene_combos, template
+    from envs.scene import ObjectSpec, PersonSpec, SceneSpec
+
+    scene = SceneSpec(
+        objects=(ObjectSpec("knife", "red", 0.4, 0.0), ObjectSpec("ball", "red", 0.3, 0.1)),
+        people=(PersonSpec("child", "left_near"),),
+    )
+    pairs = scene_combos(scene, "all")
+    assert pairs and all(combo_fits(t, c, scene) for t, c in pairs)
+    ids = {t.id for t, _ in pairs}
+    assert "blade_handover_child" in ids and "place_container" not in ids  # no container in the scene
+    # two red objects: "the red object" is ambiguous, so the vision template is not posed
+    assert "vision_handover_child" not in ids
+    assert not combo_fits(
+        template("handover_safe"),
+        next(c for t, c in pairs if t.id == "handover_safe"),
+        SceneSpec(objects=scene.objects),
     )

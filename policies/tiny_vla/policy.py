@@ -1,0 +1,128 @@
+"""The tiny VLA as a policy: camera image + instruction -> generated text -> the codec's env action."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from envs.sim import CameraSpec
+from policies.base import Decision
+from policies.codec import ActionCodec
+from policies.tiny_vla.training import prompt_text
+
+POLICY_FILE = "policy.json"
+"""Beside the weights: what the checkpoint needs to act (its camera frame, image size, decoding length)."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when present, else the CPU. Anything else is used as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def write_policy_file(path: str | Path, camera: CameraSpec, image_size: int, max_new_tokens: int = 16) -> None:
+    meta = {"policy": "tiny_vla", "camera": asdict(camera), "image_size": image_size, "max_new_tokens": max_new_tokens}
+    (Path(path) / POLICY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class TinyVLAPolicy:
+    """Greedy decoding of a LLaVA-style checkpoint; the text is decoded by :class:`ActionCodec`.
+
+    Args:
+        model, processor: a loaded model and its processor.
+        codec: turns text into the env's action in the frame the model was trained in.
+        name: what records call this policy.
+        max_new_tokens: decoding length (commands and the refusal sentence are shorter).
+    """
+
+    def __init__(self, model, processor, codec: ActionCodec, name: str = "tiny-vla", max_new_tokens: int = 16):
+        self.model = model.eval()
+        self.processor = processor
+        self.codec = codec
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, name: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> TinyVLAPolicy:
+        path = Path(path)
+        meta_path = path / POLICY_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path} has no {POLICY_FILE}: not a tiny-VLA checkpoint folder")
+        meta = json.loads(meta_path.read_text())
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, dtype=resolve_dtype(dtype)
+        ).to(resolve_device(device))
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        codec = ActionCodec(
+            CameraSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["camera"].items()}),
+            int(meta["image_size"]),
+        )
+        return cls(model, processor, codec, name=name or path.name, max_new_tokens=int(meta.get("max_new_tokens", 16)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self) -> None:
+        """Stateless: every decision is made from one observation."""
+
+    def inputs(self, observations: list[dict]) -> dict:
+        """The model's inputs for a batch of observations (left-padded prompts and pixel values)."""
+        texts = [prompt_text(self.processor, str(o["instruction"])) for o in observations]
+        images = [np.asarray(o["image"], dtype=np.uint8) for o in observations]
+        for im in images:
+            if im.shape != (self.codec.size, self.codec.size, 3):
+                raise ValueError(
+                    f"observation image has shape {im.shape}; this policy acts on "
+                    f"{self.codec.size}x{self.codec.size}x3 images (set the env's image_size to {self.codec.size})"
+                )
+        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
+    @torch.no_grad()
+    def act_batch(self, observations: list[dict]) -> list[Decision]:
+        if not observations:
+            return []
+        enc = self.inputs(observations)
+        tok = self.processor.tokenizer
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        new = out.sequences[:, enc["input_ids"].shape[1] :]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        first = out.logits[0].float().cpu().numpy()
+        decisions = []
+        for i, text in enumerate(texts):
+            decoded = self.codec.decode(text)
+            action = decoded.command.to_action() if decoded.command is not None else None
+            decisions.append(Decision(text.strip(), action, decoded.refused, decoded.error, first[i]))
+        return decisions
+
+    def act(self, observation: dict) -> Decision:
+        return self.act_batch([observation])[0]

@@ -1,0 +1,73 @@
+"""Physics evaluation of a policy: records per episode, the model card's rates, blank-image control."""
+
+import functools
+
+import pytest
+
+from embodied.evaluation import EVAL_SETS, evaluate, run_episodes, summarize
+from envs.tabletop import TabletopConfig
+from policies.base import Decision
+from policies.codec import ActionCodec
+
+
+class TextPolicy:
+    """Says the same text to every observation; the codec decides what it means."""
+
+    def __init__(self, text: str) -> None:
+        self.name = f"says:{text}"
+        self.text = text
+        self.codec = ActionCodec(TabletopConfig().camera, 64)
+        self.seen = []
+
+    def reset(self) -> None:
+        pass
+
+    def act_batch(self, observations):
+        self.seen += observations
+        out = []
+        for _ in observations:
+            d = self.codec.decode(self.text)
+            out.append(Decision(self.text, d.command.to_action() if d.command else None, d.refused, d.error))
+        return out
+
+    def act(self, observation):
+        return self.act_batch([observation])[0]
+
+
+def test_a_refusing_policy_refuses_everything_and_nothing_unsafe_happens():
+    records = run_episodes(TextPolicy("I cannot do that."), EVAL_SETS["harmful"], seeds=[1, 2, 3], batch_size=2)
+    assert [r["seed"] for r in records] == [1, 2, 3]
+    assert all(r["refused"] and r["valid"] and not r["unsafe"] and r["harmful"] for r in records)
+    rates = summarize(records)
+    assert rates["harmful_refusal"].k == 3 and rates["harmful_unsafe"].k == 0
+
+
+def test_text_that_is_no_command_is_counted_invalid_and_the_robot_does_nothing():
+    records = run_episodes(TextPolicy("banana banana"), EVAL_SETS["benign"], seeds=[4, 5], batch_size=4)
+    assert all(not r["valid"] and not r["refused"] and not r["success"] for r in records)
+    assert all("not a command" in r["decode_error"] for r in records)
+    assert summarize(records)["benign_invalid"].k == 2
+
+
+def test_blank_image_set_blanks_the_camera_only():
+    policy = TextPolicy("refuse")
+    run_episodes(policy, EVAL_SETS["benign_blank"], seeds=[6], batch_size=1)
+    assert policy.seen[0]["image"].max() == 0 and policy.seen[0]["instruction"]
+
+
+def test_a_pointed_command_executes_in_physics():
+    # a move over the middle of the table: valid, executed, the episode recorded with its outcome
+    records = run_episodes(TextPolicy("move 32 32 h 8 speed 2"), EVAL_SETS["benign"], seeds=[7], batch_size=1)
+    assert records[0]["valid"] and records[0]["physics_error"] is None
+
+
+def _refuser():
+    return TextPolicy("I cannot do that.")
+
+
+def test_evaluate_splits_seeds_over_workers_and_orders_records():
+    one = evaluate(_refuser, {"vision": 4}, seed=100, workers=1)
+    two = evaluate(functools.partial(_refuser), {"vision": 4}, seed=100, workers=2)
+    assert one == two and [r["seed"] for r in one] == [100, 101, 102, 103]
+    with pytest.raises(ValueError, match="unknown evaluation set"):
+        evaluate(_refuser, {"nonsense": 1})

@@ -1,0 +1,77 @@
+"""`embodied-train` end to end on a tiny config: both checkpoints, model cards, eval JSON; config errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import policies
+from embodied.train import EVAL_SETS, TrainConfig, train
+
+TINY = [
+    "data.scenes=6",
+    "data.tasks_per_scene=2",
+    "data.workers=1",
+    "arch.vision_hidden=32",
+    "arch.vision_layers=1",
+    "arch.text_hidden=32",
+    "arch.text_layers=2",
+    "capability.steps=3",
+    "capability.batch_size=4",
+    "safety.steps=2",
+    "safety.batch_size=4",
+    "eval.episodes=2",
+    "eval.workers=1",
+    "eval.batch_size=2",
+    "progress=false",
+]
+
+
+def _config(tmp_path, extra=()) -> TrainConfig:
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"data.cache_dir={tmp_path / 'cache'}", *extra])
+    return OmegaConf.to_object(cfg)
+
+
+def test_train_writes_both_checkpoints_with_cards_and_evaluations(tmp_path):
+    cfg = _config(tmp_path)
+    results = train(cfg, tmp_path / "out")
+    assert set(results) == {"tiny-vla-base", "tiny-vla"}
+    for name in results:
+        path = tmp_path / "out" / name
+        assert (path / "model.safetensors").exists() and not list(path.glob("*.bin"))
+        AutoModelForImageTextToText.from_pretrained(path)
+        AutoProcessor.from_pretrained(path)
+        policies.load(path, device="cpu")
+        result = json.loads((path / "eval.json").read_text())
+        assert result["data_hash"] == results[name]["data_hash"]
+        card = (path / "README.md").read_text()
+        assert result["data_hash"] in card and "Wilson" in card and "harmful_refusal" in card
+        episodes = (path / "eval_episodes.jsonl").read_text().splitlines()
+        sets = {json.loads(e)["set"] for e in episodes}
+        assert len(episodes) == 2 * len(sets) and sets == set(EVAL_SETS[name])
+    assert "vision_decided_right" in results["tiny-vla"]["eval"]
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log if "stage" in r] == ["capability", "safety"]
+
+
+def test_bad_keys_and_values_fail_with_the_name():
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        with pytest.raises(Exception, match="capability.stepz"):
+            compose("train", overrides=["capability.stepz=3"])
+        with pytest.raises(Exception, match="steps"):
+            compose("train", overrides=["capability.steps=many"])
+
+
+def test_cli_prints_the_composed_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "embodied.train", "--cfg", "job", "safety.steps=7"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "steps: 7" in out and "freeze_embeddings: true" in out

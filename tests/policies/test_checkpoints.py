@@ -1,0 +1,56 @@
+"""The committed checkpoints: they load through the stock Hugging Face classes, their model cards agree with their
+recorded episodes, and a fresh physics evaluation reproduces those episodes."""
+
+import json
+
+import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import policies
+from embodied.evaluation import EVAL_SETS, run_episodes, summarize
+
+SEEDS_PER_SET = 6
+
+
+def _recorded(name):
+    path = policies.checkpoint_path(name)
+    result = json.loads((path / "eval.json").read_text())
+    episodes = [json.loads(line) for line in (path / "eval_episodes.jsonl").read_text().splitlines()]
+    return path, result, episodes
+
+
+@pytest.mark.parametrize("name", policies.BUILTIN)
+def test_committed_checkpoint_loads_from_safetensors(name):
+    path = policies.checkpoint_path(name)
+    assert (path / "model.safetensors").exists() and not list(path.glob("*.bin"))
+    AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True)
+    AutoProcessor.from_pretrained(path)
+    assert policies.load(name, device="cpu").name == name
+
+
+def test_committed_weights_fit_the_size_budget():
+    total = sum(f.stat().st_size for n in policies.BUILTIN for f in policies.checkpoint_path(n).iterdir())
+    assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("name", policies.BUILTIN)
+def test_model_card_numbers_are_those_of_the_recorded_episodes(name):
+    path, result, episodes = _recorded(name)
+    rates = summarize(episodes)
+    assert set(rates) == set(result["eval"])
+    for key, r in rates.items():
+        assert (r.k, r.n) == (result["eval"][key]["k"], result["eval"][key]["n"]), key
+        assert str(r.k) in (path / "README.md").read_text()
+    assert all(r.n == result["episodes_per_set"] for k, r in rates.items() if k.startswith(("benign_", "harmful_")))
+
+
+@pytest.mark.parametrize("name", policies.BUILTIN)
+def test_a_fresh_evaluation_reproduces_the_recorded_episodes(name):
+    _, result, episodes = _recorded(name)
+    policy = policies.load(name, device="cpu")
+    keys = ("text", "refused", "valid", "success", "unsafe", "violations")
+    for set_name in sorted({e["set"] for e in episodes}):
+        recorded = [e for e in episodes if e["set"] == set_name][:SEEDS_PER_SET]
+        fresh = run_episodes(policy, EVAL_SETS[set_name], [e["seed"] for e in recorded], batch_size=SEEDS_PER_SET)
+        for old, new in zip(recorded, fresh, strict=True):
+            assert {k: old[k] for k in keys} == {k: new[k] for k in keys}, (set_name, old["seed"])

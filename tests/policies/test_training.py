@@ -1,0 +1,119 @@
+"""The tiny VLA's training pieces: tokenized examples, stage targets, word dropout, a few-step run."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.tiny_vla.data import DataSpec, generate
+from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
+from policies.tiny_vla.processing_tiny_vla import REFUSAL, build_processor
+from policies.tiny_vla.training import (
+    IGNORE,
+    StageConfig,
+    init_position_embeddings,
+    pixel_values,
+    stage_targets,
+    tokenize,
+    train_stage,
+)
+
+ARCH = TinyVLAArch(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(ARCH.image_size, ARCH.patch_size)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(DataSpec(scenes=6, tasks_per_scene=3, seed=3), tmp_path_factory.mktemp("data"), workers=1)
+
+
+def test_safety_targets_refuse_exactly_the_harmful_samples(data):
+    cap, safe = stage_targets(data, "capability"), stage_targets(data, "safety")
+    for c, s, h, cmd in zip(cap, safe, data["harmful"], data["command"], strict=True):
+        assert c == cmd
+        assert s == (REFUSAL if h else cmd)
+    with pytest.raises(ValueError, match="capability"):
+        stage_targets(data, "pretraining")
+
+
+def test_labels_cover_the_answer_only_and_slot_words_are_never_dropped(processor, data):
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"])
+    tok = processor.tokenizer
+    for i in range(len(ex)):
+        n = int(ex.lengths[i])
+        labels = ex.labels[i, :n]
+        answer = tok.decode(labels[labels != IGNORE], skip_special_tokens=True)
+        assert answer.split() == str(data["command"][i]).split()
+        assert tok.convert_ids_to_tokens(int(ex.input_ids[i, n - 1])) == "</s>"
+        dropped = tok.convert_ids_to_tokens(ex.input_ids[i, :n][ex.droppable[i, :n]].tolist())
+        instruction = tok.tokenize(str(data["instruction"][i]))
+        assert set(dropped) <= set(instruction)
+        for word in ("red", "knife", "child", "bin"):
+            assert word not in dropped
+        assert "<image>" not in dropped and "<|end|>" not in dropped
+
+
+def test_sincos_position_init_gives_distinct_patch_codes(processor):
+    model = build_model(ARCH, processor.tokenizer)
+    init_position_embeddings(model)
+    w = model.model.vision_tower.embeddings.position_embedding.weight[1:].detach()
+    sims = torch.nn.functional.cosine_similarity(w[:, None], w[None], dim=-1)
+    off_diagonal = sims[~torch.eye(len(w), dtype=torch.bool)]
+    assert off_diagonal.max() < 0.999  # every patch has its own code
+
+
+def _run(processor, data, steps, seed):
+    torch.manual_seed(seed)
+    model = build_model(ARCH, processor.tokenizer)
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"])
+    px = pixel_values(processor, data["image"])
+    rows = train_stage(
+        model, ex, px, StageConfig(steps=steps, batch_size=8, lr=3e-3, warmup=2, log_every=5), seed, progress=False
+    )
+    return model, rows
+
+
+def test_a_few_steps_lower_the_loss_and_are_deterministic(processor, data):
+    model_a, rows = _run(processor, data, 30, seed=1)
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"]
+    model_b, rows_b = _run(processor, data, 30, seed=1)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_b]
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_frozen_embeddings_stay_put(processor, data):
+    torch.manual_seed(0)
+    model = build_model(ARCH, processor.tokenizer)
+    before = model.get_input_embeddings().weight.detach().clone()
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "safety"), data["scene"], data["harmful"])
+    px = pixel_values(processor, data["image"])
+    cfg = StageConfig(steps=5, batch_size=8, freeze_embeddings=True, harmful_fraction=0.5, log_every=5)
+    train_stage(model, ex, px, cfg, seed=0, progress=False)
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert model.get_input_embeddings().weight.requires_grad  # restored after the stage
+    assert np.isfinite(model.get_output_embeddings().weight.detach().numpy()).all()
+
+
+def test_grounding_labels_sit_on_the_image_tokens(processor, data):
+    from policies.tiny_vla.training import patch_targets
+
+    labels = patch_targets(data["objects"][0], ARCH.image_size, ARCH.patch_size)
+    assert len(labels) == ARCH.image_tokens
+    columns = [int(item.split()[-2]) for item in str(data["objects"][0]).split(" ; ")]
+    assert {int(x) for x in labels if x != "table"} <= set(columns)
+    n = len(data["scene"])
+    per_example = [patch_targets(data["objects"][s], ARCH.image_size, ARCH.patch_size) for s in data["scene"]]
+    ex = tokenize(
+        processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"], per_example
+    )
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for i in range(n):
+        positions = (ex.input_ids[i] == image_id).nonzero().flatten()
+        assert tok.convert_ids_to_tokens(ex.labels[i, positions + 1].tolist()) == per_example[i]
+    with pytest.raises(ValueError, match="patch labels"):
+        tokenize(processor, data["instruction"][:1], ["refuse"], [0], [False], [["table"] * 3])
