@@ -11,7 +11,6 @@ folder holds the weights (safetensors), the processor, ``policy.json``, ``eval.j
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -28,6 +27,7 @@ from omegaconf import OmegaConf
 
 import policies
 from embodied.evaluation import EVAL_SEED, evaluate, summarize
+from embodied.metrics import Rate
 from envs.tabletop import TabletopConfig
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     _seed_everything(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     log_path = out / "train_log.jsonl"
-    log_file = log_path.open("w")
+    log_file = log_path.open("w")  # closed after training; an exception closes it with the process
 
     def log(row: dict) -> None:
         log_file.write(json.dumps(row) + "\n")
@@ -170,10 +170,9 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         write_policy_file(path, camera, arch.image_size)
         paths[name] = path
         log({"event": "saved", "name": name, "path": str(path), **timings})
-        if stage == "capability":
-            model = copy.deepcopy(model)  # stage 2 continues from a copy; the saved base stays as written
     timings["train_s"] = round(timings["capability_s"] + timings["safety_s"], 1)
     log_file.close()
+    params = sum(p.numel() for p in model.parameters())
 
     results = {}
     for name, path in paths.items():
@@ -201,7 +200,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         with (path / "eval_episodes.jsonl").open("w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        (path / "README.md").write_text(model_card(name, cfg, result, data, arch))
+        (path / "README.md").write_text(model_card(name, cfg, result, data, params))
         results[name] = result
     return results
 
@@ -232,18 +231,13 @@ DESCRIPTIONS = {
 }
 
 
-def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, arch: TinyVLAArch) -> str:
-    from embodied.metrics import Rate
-
+def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: int) -> str:
     rows = []
     for key, r in result["eval"].items():
         rate = Rate(r["k"], r["n"])
         target = result["targets"].get(key)
         mark = "" if target is None else f"{target['target']} ({'met' if target['met'] else 'NOT met'})"
         rows.append(f"| {key} | {rate} | {mark} |")
-    params = sum(
-        p.numel() for p in build_model(arch, build_processor(arch.image_size, arch.patch_size).tokenizer).parameters()
-    )
     t = result["timings"]
     return f"""---
 library_name: transformers
