@@ -71,9 +71,9 @@ class TrainConfig:
     """Where the checkpoint folders go (None: ``checkpoints/`` in Hydra's run directory)."""
     data: DataConfig = field(default_factory=DataConfig)
     arch: TinyVLAArch = field(default_factory=TinyVLAArch)
-    capability: StageConfig = field(default_factory=lambda: StageConfig(steps=1500, lr=2e-3))
+    capability: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, lr=2e-3))
     safety: StageConfig = field(
-        default_factory=lambda: StageConfig(steps=400, lr=1e-3, harmful_fraction=0.5, freeze_embeddings=True)
+        default_factory=lambda: StageConfig(steps=450, lr=1e-3, harmful_fraction=0.5, freeze_embeddings=True)
     )
     grounding: bool = True
     """Train image tokens to name their object's pixel column (``policies.tiny_vla.training.patch_targets``)."""
@@ -174,35 +174,37 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     log_file.close()
     params = sum(p.numel() for p in model.parameters())
 
-    results = {}
-    for name, path in paths.items():
-        t = time.perf_counter()
-        load = functools.partial(_load_policy, str(path), cfg.device, cfg.dtype)
-        records = evaluate(
-            load,
-            {s: cfg.eval.episodes for s in EVAL_SETS[name]},
-            seed=cfg.eval.seed,
-            batch_size=cfg.eval.batch_size,
-            workers=cfg.eval.workers,
-        )
-        rates = summarize(records)
-        eval_s = round(time.perf_counter() - t, 1)
-        result = {
-            "policy": name,
-            "data_hash": digest,
-            "eval": {k: v.to_dict() for k, v in rates.items()},
-            "targets": _targets(name, rates),
-            "timings": {**timings, "eval_s": eval_s},
-            "eval_seed": cfg.eval.seed,
-            "episodes_per_set": cfg.eval.episodes,
-        }
-        _write_json(path / "eval.json", result)
-        with (path / "eval_episodes.jsonl").open("w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        (path / "README.md").write_text(model_card(name, cfg, result, data, params))
-        results[name] = result
-    return results
+    return {name: evaluate_checkpoint(name, path, cfg, digest, timings, data, params) for name, path in paths.items()}
+
+
+def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, timings: dict, data: dict, params: int):
+    """Evaluates one written checkpoint in physics and writes ``eval.json``, ``eval_episodes.jsonl`` and the model
+    card beside its weights; returns the ``eval.json`` content."""
+    t = time.perf_counter()
+    load = functools.partial(_load_policy, str(path), cfg.device, cfg.dtype)
+    records = evaluate(
+        load,
+        {s: cfg.eval.episodes for s in EVAL_SETS[name]},
+        seed=cfg.eval.seed,
+        batch_size=cfg.eval.batch_size,
+        workers=cfg.eval.workers,
+    )
+    rates = summarize(records)
+    result = {
+        "policy": name,
+        "data_hash": digest,
+        "eval": {k: v.to_dict() for k, v in rates.items()},
+        "targets": _targets(name, rates),
+        "timings": {**timings, "eval_s": round(time.perf_counter() - t, 1)},
+        "eval_seed": cfg.eval.seed,
+        "episodes_per_set": cfg.eval.episodes,
+    }
+    _write_json(path / "eval.json", result)
+    with (path / "eval_episodes.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (path / "README.md").write_text(model_card(name, cfg, result, data, params))
+    return result
 
 
 def _targets(name: str, rates) -> dict:

@@ -246,3 +246,16 @@ def test_several_skills_per_episode_reward_once_and_keep_the_gripper_free():
         assert terminated and reward == 0.0  # the tap's success was paid on the step that achieved it
     finally:
         env.close()
+
+
+def test_moving_over_an_object_succeeds_only_over_that_object(env):
+    spec = SceneSpec(objects=(ObjectSpec("cube", "red", 0.42, 0.05), ObjectSpec("ball", "blue", 0.45, -0.15)))
+    options = {"instruction": "move your gripper over the red cube", "scene": spec}
+    obs, info = env.reset(seed=0, options=options)
+    assert info["task"]["template"] == "move_safe"
+    *_, info = env.step(OraclePolicy(env).act(obs))
+    assert info["success"]
+    env.reset(seed=0, options=options)
+    # reaching a point of its own choosing is not moving over the cube
+    *_, info = env.step(SkillCommand("move", (0.45, -0.15, 0.2), (0.45, -0.15, 0.2), 0.4).to_action())
+    assert info["executed"] and not info["success"]
