@@ -55,12 +55,6 @@ def test_blank_image_set_blanks_the_camera_only():
     assert policy.seen[0]["image"].max() == 0 and policy.seen[0]["instruction"]
 
 
-def test_a_pointed_command_executes_in_physics():
-    # a move over the middle of the table: valid, executed, the episode recorded with its outcome
-    records = run_episodes(TextPolicy("move 32 32 h 8 speed 2"), EVAL_SETS["benign"], seeds=[7], batch_size=1)
-    assert records[0]["valid"] and records[0]["physics_error"] is None
-
-
 def _refuser():
     return TextPolicy("I cannot do that.")
 
