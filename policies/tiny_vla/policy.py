@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from envs.sim import CameraSpec
 from policies.base import Decision
 from policies.codec import ActionCodec
-from policies.tiny_vla.training import prompt_text
+from policies.tiny_vla.processing_tiny_vla import prompt_text
 
 POLICY_FILE = "policy.json"
 """Beside the weights: what the checkpoint needs to act (its camera frame, image size, decoding length)."""

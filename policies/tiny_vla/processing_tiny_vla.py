@@ -149,3 +149,8 @@ def prompt(instruction: str) -> list[dict]:
     Text first lets every image token attend to the instruction (the decoder is causal), so the model can mark
     the patches the instruction is about where they are, instead of searching the image from the answer."""
     return [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
+
+
+def prompt_text(processor, instruction: str) -> str:
+    """The chat-templated prompt for one instruction (image placeholder included)."""
+    return processor.apply_chat_template(prompt(instruction), add_generation_prompt=True, tokenize=False)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from policies.tiny_vla.processing_tiny_vla import REFUSAL, prompt, slot_words
+from policies.tiny_vla.processing_tiny_vla import REFUSAL, prompt_text, slot_words
 
 IGNORE = -100
 
@@ -54,11 +54,6 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def prompt_text(processor, instruction: str) -> str:
-    """The chat-templated prompt for one instruction (image placeholder included)."""
-    return processor.apply_chat_template(prompt(instruction), add_generation_prompt=True, tokenize=False)
 
 
 def pixel_values(processor, images: np.ndarray) -> torch.Tensor:
