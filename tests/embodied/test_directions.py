@@ -1,0 +1,179 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from embodied.directions import (
+    CandidateScore,
+    DirectionArtifact,
+    NoDirectionError,
+    PromptSets,
+    SelectionConfig,
+    apply_filters,
+    extract,
+    extract_cached,
+    kl_divergence,
+    mean_activations,
+    refusal_score,
+    score_candidates,
+    select,
+)
+from embodied.models import weights_hash
+from tests.embodied import tiny_models as tm
+
+SUFFIX = [7, 8, 9]  # the "post-instruction" tokens every prompt ends with
+REFUSE = 11
+
+
+class TokenPrompts:
+    """A Steerable over a tiny random LM: observations hold token ids; prompts are left-padded, then the suffix."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def post_instruction_length(self) -> int:
+        return len(SUFFIX)
+
+    @property
+    def refusal_token_ids(self) -> list[int]:
+        return [REFUSE]
+
+    def inputs(self, observations):
+        rows = [list(o["ids"]) + SUFFIX for o in observations]
+        n = max(map(len, rows))
+        ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def token_sets(seed: int = 0) -> PromptSets:
+    g = torch.Generator().manual_seed(seed)
+
+    def prompts(marker: int, n: int):
+        return [
+            {
+                "ids": [
+                    marker,
+                    *torch.randint(20, 90, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist(),
+                ]
+            }
+            for _ in range(n)
+        ]
+
+    return PromptSets(prompts(3, 12), prompts(4, 12), prompts(3, 6), prompts(4, 6), sources={"harmful_train": "test"})
+
+
+def test_refusal_score_is_the_log_odds_of_the_refusal_tokens():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]]))
+    s = refusal_score(logits, [0, 1])
+    assert s[0].item() == pytest.approx(math.log(0.5 / 0.5), abs=1e-6)
+    assert s[1].item() == pytest.approx(math.log(0.9 / 0.1), abs=1e-5)
+
+
+def test_kl_divergence_is_zero_for_equal_and_positive_for_different_distributions():
+    a = torch.randn(3, 10)
+    assert torch.allclose(kl_divergence(a, a), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert (kl_divergence(a, a.flip(-1)) > 0).all()
+
+
+def test_mean_activations_stream_the_block_inputs_at_post_instruction_positions():
+    model = tm.build("llama")
+    steer = TokenPrompts(model)
+    obs = token_sets().harmful_train
+    mean = mean_activations(steer, obs, batch_size=5)
+    assert mean.shape == (3, 3, 32) and mean.dtype == torch.float64
+    with torch.no_grad():
+        hidden = model(**steer.inputs(obs), output_hidden_states=True).hidden_states
+    # hidden_states[i] is the input of block i (for i < n_layers)
+    expected = torch.stack([hidden[i][:, -3:, :].double().mean(0) for i in range(3)], dim=1)
+    torch.testing.assert_close(mean, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean_activations(steer, obs, batch_size=12), mean, atol=1e-5, rtol=0)
+
+
+def test_right_padded_prompts_are_rejected():
+    steer = TokenPrompts(tm.build("llama"))
+    right = {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    steer.inputs = lambda observations: right
+    with pytest.raises(ValueError, match="left-padded"):
+        mean_activations(steer, [{"ids": [5]}])
+
+
+def score(pos, layer, bypass, induce=1.0, kl=0.01):
+    return CandidateScore(pos, layer, bypass, induce, kl)
+
+
+def test_selection_applies_the_papers_filters_and_takes_the_lowest_bypass():
+    scores = [
+        score(-1, 8, -9.0),  # layer 8 >= int(0.8 * 10): pruned
+        score(-1, 2, -8.0, kl=0.5),  # KL too high
+        score(-2, 3, -7.0, induce=-0.1),  # does not induce refusal
+        score(-2, 4, math.nan),  # NaN
+        score(-1, 5, -2.0),
+        score(-3, 1, -3.0),
+    ]
+    cfg = SelectionConfig()
+    judged = apply_filters(scores, n_layers=10, cfg=cfg)
+    assert [s.reason for s in judged[:4]] == ["layer >= 8", "kl > 0.1", "induce < 0.0", "nan"]
+    best = select(scores, 10, cfg)
+    assert (best.position, best.layer, best.bypass) == (-3, 1, -3.0)
+    assert select(scores, 10, SelectionConfig(kl_threshold=1.0)).layer == 2
+    with pytest.raises(NoDirectionError, match="every candidate direction was filtered out") as err:
+        select(scores[:4], 10, cfg)
+    assert len(err.value.scores) == 4
+
+
+def test_extraction_writes_an_artifact_that_checks_its_model(tmp_path):
+    model = tm.build("qwen2")
+    steer = TokenPrompts(model)
+    cfg = SelectionConfig(
+        filter_train=False, filter_val=False, kl_threshold=math.inf, induce_refusal_threshold=-math.inf
+    )
+    artifact = extract(steer, token_sets(), cfg, model_name="tiny-qwen2")
+    assert artifact.candidates.shape == (3, 3, 32)
+    assert len(artifact.scores) == 9 and artifact.layer < int(0.8 * 3)
+    assert artifact.chosen.bypass == min(s.bypass for s in artifact.scores if s.kept)
+    assert torch.allclose(artifact.direction.norm(), torch.tensor(1.0))
+    assert artifact.data["harmful_train"]["size"] == 12 and artifact.data["harmful_train"]["source"] == "test"
+    artifact.save(tmp_path / "a")
+    loaded = DirectionArtifact.load(tmp_path / "a", model)
+    assert loaded.layer == artifact.layer and loaded.position == artifact.position
+    torch.testing.assert_close(loaded.vector, artifact.vector)
+    np.testing.assert_array_equal([s.bypass for s in loaded.scores], [s.bypass for s in artifact.scores])  # NaN too
+    with pytest.raises(ValueError, match="re-extract it for this model"):
+        DirectionArtifact.load(tmp_path / "a", tm.build("qwen2", seed=1))
+
+
+def test_a_cached_extraction_is_reused_and_a_changed_one_is_not(tmp_path):
+    model = tm.build("llama")
+    steer = TokenPrompts(model)
+    cfg = SelectionConfig(
+        filter_train=False, filter_val=False, kl_threshold=math.inf, induce_refusal_threshold=-math.inf
+    )
+    first, folder, cached = extract_cached(steer, token_sets(), tmp_path, cfg)
+    assert not cached and (folder / "direction.json").exists()
+    again, folder2, cached2 = extract_cached(steer, token_sets(), tmp_path, cfg)
+    assert cached2 and folder2 == folder and again.hash == first.hash
+    _, folder3, cached3 = extract_cached(steer, token_sets(seed=1), tmp_path, cfg)
+    assert not cached3 and folder3 != folder
+    assert weights_hash(model) == first.model_hash
+
+
+def test_candidates_on_the_default_policy_score_every_position_and_layer():
+    import policies
+    from embodied.evaluation import BENIGN, HARMFUL
+    from embodied.prompts import env_observations
+
+    policy = policies.load("tiny-vla", device="cpu")
+    harmful = env_observations(HARMFUL, "train", 4, seed=11)
+    harmless = env_observations(BENIGN, "train", 4, seed=11)
+    candidates = mean_activations(policy, harmful) - mean_activations(policy, harmless)
+    n_layers = policy.model.config.text_config.num_hidden_layers
+    assert candidates.shape == (policy.post_instruction_length, n_layers, policy.model.config.text_config.hidden_size)
+    # the post-instruction tokens are the same tokens in every prompt: at the embedding (layer 0) nothing differs
+    assert candidates[:, 0].abs().max() == 0 and candidates[:, 1:].norm(dim=-1).min() > 0
+    scores = score_candidates(policy, candidates[:, :3], harmful[:2], harmless[:2])
+    assert len(scores) == policy.post_instruction_length * 3
+    assert all(math.isnan(s.bypass) for s in scores if s.layer == 0)
+    assert all(math.isfinite(s.bypass) and s.kl >= 0 for s in scores if s.layer > 0)
