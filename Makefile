@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(VENV)/bin/embodied-oracle --seeds 2
+	$(VENV)/bin/embodied-run experiment=demo
 
 # Retrain the default policy (both stages) and rewrite the committed checkpoints, model cards and evaluations.
 train: install

@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -332,6 +332,22 @@ class DirectionArtifact:
     @property
     def hash(self) -> str:
         return _tensor_hash(self.direction)
+
+    def candidate(self, layer: int | None = None, position: int | None = None) -> DirectionArtifact:
+        """The same artifact with the candidate at (``position``, ``layer``) as its direction (None: the chosen)."""
+        layer = self.layer if layer is None else int(layer)
+        position = self.position if position is None else int(position)
+        if (layer, position) == (self.layer, self.position):
+            return self
+        if self.candidates is None:
+            raise ValueError("this artifact stores no candidates; re-extract it to pick another layer or position")
+        n_pos, n_layers, _ = self.candidates.shape
+        if not (0 <= layer < n_layers and -n_pos <= position < 0):
+            raise ValueError(
+                f"no candidate at position {position}, layer {layer} (positions -{n_pos}..-1, layers 0..{n_layers - 1})"
+            )
+        vector = self.candidates[position + n_pos, layer].float()
+        return replace(self, direction=unit(vector, vector.numel()), vector=vector, layer=layer, position=position)
 
 
 def _tensor_hash(t: torch.Tensor) -> str:

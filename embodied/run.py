@@ -1,0 +1,200 @@
+"""``embodied-run``: steer a policy's refusal direction and measure, in physics, when unsafe actions get executed.
+
+    embodied-run                                              # tiny-vla, no intervention, harmful + benign
+    embodied-run experiment=demo                              # baseline vs ablation vs actadd, table + report
+    embodied-run intervention=actadd intervention.coeff=-2
+    embodied-run -m intervention=actadd intervention.coeff=-2,0,2 intervention.layer=1,2 hydra/launcher=joblib
+    embodied-run --cfg job                                    # the composed config
+
+Each job writes into its directory: ``episodes.jsonl`` (one record per episode, appended as it ends),
+``summary.json`` (atomically, at the end), ``config.yaml`` (resolved), and with ``experiment.report`` a report.
+A job whose ``summary.json`` exists is skipped; one with a partial ``episodes.jsonl`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from embodied.config import MODES, RunConfig, register
+from embodied.directions import DirectionArtifact, NoDirectionError, extract_cached, write_json_atomic
+from embodied.experiment import Condition, eval_set, run_condition, set_seed
+from embodied.extract import prompt_sets
+from embodied.loading import load_policy
+from embodied.metrics import summarize_records
+from embodied.models import weights_hash
+from embodied.records import RecordWriter, keys, read_records
+
+log = logging.getLogger(__name__)
+register()
+
+EPISODES_FILE = "episodes.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def direction_for(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None:
+    artifact = _direction(policy, cfg, needed)
+    if artifact is not None and (cfg.direction.layer is not None or cfg.direction.position is not None):
+        artifact = artifact.candidate(cfg.direction.layer, cfg.direction.position)
+    return artifact
+
+
+def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None:
+    """The run's direction: from ``direction.path``, else extracted for this policy (cached). When no condition
+    needs it and extraction finds none, the run goes on without projections."""
+    if cfg.direction.path:
+        return DirectionArtifact.load(Path(cfg.direction.path).expanduser(), policy.model)
+    if not hasattr(policy, "post_instruction_length"):
+        if needed:
+            raise ValueError(f"policy {policy.name} has no residual stream to steer (kind {cfg.policy.kind})")
+        return None
+    try:
+        artifact, folder, cached = extract_cached(
+            policy,
+            prompt_sets(cfg.direction.prompts),
+            cfg.direction.cache_dir,
+            cfg.direction.selection,
+            model_name=policy.name,
+        )
+    except NoDirectionError as e:
+        if needed:
+            raise
+        log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)
+        return None
+    log.info(
+        "direction %s: layer %d, position %d%s",
+        folder,
+        artifact.layer,
+        artifact.position,
+        " (cached)" if cached else "",
+    )
+    return artifact
+
+
+def results_table(summary: dict) -> Table:
+    table = Table(title="refusal and unsafe execution by condition (95% Wilson intervals)")
+    cols = [
+        ("harmful refusal", "harmful_refusal"),
+        ("harmful unsafe", "harmful_unsafe"),
+        ("benign success", "benign_success"),
+        ("false refusal", "benign_false_refusal"),
+        ("failed", "failed"),
+    ]
+    table.add_column("condition")
+    for name, _ in cols:
+        table.add_column(name, justify="right")
+    for label, s in summary["conditions"].items():
+        cells = []
+        for _, key in cols:
+            r = s["rates"][key]
+            cells.append(
+                "n/a"
+                if not r["n"]
+                else f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f},{100 * r['high']:.0f}] {r['k']}/{r['n']}"
+            )
+        table.add_row(label, *cells)
+    return table
+
+
+def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
+    """Runs (or resumes) one job into ``out``; returns its summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path, episodes_path = out / SUMMARY_FILE, out / EPISODES_FILE
+    if summary_path.exists():
+        import json
+
+        log.info("%s exists: job already done, skipped", summary_path)
+        return json.loads(summary_path.read_text())
+    if resolved is not None:
+        OmegaConf.save(OmegaConf.create(resolved), out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    interventions = cfg.experiment.conditions or [cfg.intervention]
+    for iv in interventions:
+        if iv.mode not in MODES:
+            raise ValueError(f"intervention.mode must be one of {MODES}, got {iv.mode!r}")
+    policy = load_policy(cfg.policy)
+    needed = any(iv.mode != "none" for iv in interventions)
+    direction = direction_for(policy, cfg, needed)
+    conditions = [Condition.resolve(iv, direction) for iv in interventions]
+    sets = [eval_set(name) for name in cfg.env.sets]
+    policy_hash = weights_hash(policy.model) if hasattr(policy, "model") else policy.name
+    seeds = [cfg.seed + i for i in range(cfg.episodes)]
+    done = keys(read_records(episodes_path))
+    total = len(conditions) * len(sets) * len(seeds)
+    bar = tqdm(
+        total=total,
+        initial=min(len(done), total),
+        desc=cfg.experiment.name,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    try:
+        with RecordWriter(episodes_path) as writer:
+            for condition in conditions:
+                for es in sets:
+                    set_seed(cfg.seed)
+                    run_condition(
+                        policy,
+                        condition,
+                        es,
+                        seeds,
+                        writer,
+                        done,
+                        policy_hash=policy_hash,
+                        split=cfg.env.split,
+                        image_size=cfg.env.image_size,
+                        batch_size=cfg.batch_size,
+                        on_episode=lambda r: bar.update(1),
+                    )
+    finally:
+        bar.close()
+    records = read_records(episodes_path)
+    summary = {
+        "experiment": cfg.experiment.name,
+        "policy": policy.name,
+        "checkpoint_hash": policy_hash,
+        "direction": None
+        if direction is None
+        else {
+            "hash": direction.hash,
+            "layer": direction.layer,
+            "position": direction.position,
+            "model_hash": direction.model_hash,
+        },
+        "episodes": len(records),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "conditions": summarize_records(records),
+    }
+    write_json_atomic(summary_path, summary)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: do not wrap the table at 80 columns
+        console = Console(width=160)
+    console.print(results_table(summary))
+    if cfg.experiment.report:
+        from embodied.report import write_report
+
+        write_report(out)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+def main(cfg) -> None:
+    rc: RunConfig = OmegaConf.to_object(cfg)
+    out = Path(rc.out) if rc.out else Path(HydraConfig.get().runtime.output_dir)
+    run(rc, out, OmegaConf.to_container(cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()
