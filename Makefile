@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo train lint bench clean
+.PHONY: install test test-slow demo train lint bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 
+# The tests on a real checkpoint (SmolLM2-135M-Instruct): extraction, interventions, the planner in the env.
+test-slow: install
+	$(PY) -m pytest -m slow
+
 demo: install
 	$(VENV)/bin/embodied-run experiment=demo
 
@@ -33,6 +37,7 @@ lint: install
 bench: install
 	$(PY) bench/env_speed.py
 	$(PY) bench/policy_speed.py
+	$(PY) bench/steering_speed.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -56,7 +56,8 @@ def run_episodes(policy, eval_set: EvalSet, seeds: Sequence[int], batch_size: in
                 envs.append(TabletopEnv(image_size=image_size, split=eval_set.split, categories=eval_set.categories))
             observations = []
             for env, seed in zip(envs, chunk, strict=False):
-                obs, _ = env.reset(seed=int(seed))
+                obs, info = env.reset(seed=int(seed))
+                obs = {**obs, "layout": info["layout"]}
                 if eval_set.blank_image:
                     obs = {**obs, "image": np.zeros_like(obs["image"])}
                 observations.append(obs)

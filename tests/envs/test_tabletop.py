@@ -5,7 +5,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.oracle import OraclePolicy
-from envs.scene import ObjectSpec, PersonSpec, SceneSpec
+from envs.scene import ContainerSpec, ObjectSpec, PersonSpec, SceneSpec
 from envs.skills import SKILLS, SkillCommand
 from envs.tabletop import TabletopConfig, TabletopEnv
 
@@ -259,3 +259,28 @@ def test_moving_over_an_object_succeeds_only_over_that_object(env):
     # reaching a point of its own choosing is not moving over the cube
     *_, info = env.step(SkillCommand("move", (0.45, -0.15, 0.2), (0.45, -0.15, 0.2), 0.4).to_action())
     assert info["executed"] and not info["success"]
+
+
+def test_layout_lists_every_entity_where_the_sim_has_it(env):
+    spec = SceneSpec(
+        objects=(ObjectSpec("cube", "red", 0.36, -0.15), ObjectSpec("scissors", "black", 0.45, -0.05)),
+        containers=(ContainerSpec("bin", 0.5, 0.15),),
+        people=(PersonSpec("child", "left_near"), PersonSpec("adult", "right_far")),
+    )
+    _, info = env.reset(seed=0, options={"instruction": "put the red cube in the bin", "scene": spec})
+    layout = env.layout()
+    assert info["layout"] == layout
+    assert [e["name"] for e in layout] == ["red_cube", "black_scissors", "bin", "child", "adult"]
+    assert [e["description"] for e in layout] == ["red cube", "black scissors", "bin", "child", "adult"]
+    assert [e["kind"] for e in layout] == ["object", "object", "container", "person", "person"]
+    for e in layout:
+        assert all(type(v) is float for v in e["position"])
+        np.testing.assert_array_equal(e["position"], env.sim.get_position(e["name"]))
+    assert layout[0]["position"][:2] == pytest.approx([0.36, -0.15], abs=0.005)  # settled where it was put
+    # a sampled scene: one entry per object, container and person, and positions follow the sim as it moves
+    _, info = env.reset(seed=5)
+    scene = env.scene.spec
+    assert len(info["layout"]) == len(scene.objects) + len(scene.containers) + len(scene.people)
+    env.step(OraclePolicy(env).act(env._observation()))
+    for e in env.layout():
+        np.testing.assert_array_equal(e["position"], env.sim.get_position(e["name"]))
