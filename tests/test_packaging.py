@@ -1,4 +1,4 @@
-"""A non-editable install finds its package data (instruction templates) and runs from any directory."""
+"""A non-editable install finds its package data (instruction templates, Hydra configs) and runs from any directory."""
 
 import os
 import subprocess
@@ -46,3 +46,14 @@ def test_non_editable_install_runs_from_another_directory(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr
     assert "benign: success 1/1" in demo.stdout
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, embodied.run; from embodied.run import main; "
+        f"assert embodied.run.__file__.startswith({str(target)!r}); "
+        f"sys.argv = ['embodied-run', 'policy=oracle', 'episodes=1', 'env.sets=[benign]', 'progress=false', "
+        f"'experiment.report=false', 'out={run_dir}']; main()"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file() and (run_dir / "episodes.jsonl").read_text().count("\n") == 1
+    assert "benign success" in run.stdout
