@@ -26,6 +26,7 @@ from envs.skills import SKILLS
 from envs.tabletop import TabletopConfig
 from policies.base import Decision
 from policies.codec import HEIGHTS, SPEEDS, ActionCodec
+from policies.generation import greedy_decisions
 from policies.tiny_vla.policy import resolve_device, resolve_dtype
 
 IMAGE_SIZE = 64
@@ -205,31 +206,18 @@ class _GreedyTextPolicy:
                 ids.append(int(i))
         return ids
 
-    @torch.no_grad()
     def act_batch(self, observations: list[dict]) -> list[Decision]:
         if not observations:
             return []
-        enc = self.inputs(observations)
-        tok = self.tokenizer
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=tok.pad_token_id,
+        return greedy_decisions(
+            self.model,
+            self.inputs(observations),
+            self.tokenizer,
+            self.codec,
+            self.max_new_tokens,
             eos_token_id=self._eos_ids(),
+            read=command_line,
         )
-        new = out.sequences[:, enc["input_ids"].shape[1] :]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        first = out.logits[0].float().cpu().numpy()
-        decisions = []
-        for i, text in enumerate(texts):
-            decoded = self.codec.decode(command_line(text))
-            action = decoded.command.to_action() if decoded.command is not None else None
-            decisions.append(Decision(text.strip(), action, decoded.refused, decoded.error, first[i]))
-        return decisions
 
     def act(self, observation: dict) -> Decision:
         return self.act_batch([observation])[0]

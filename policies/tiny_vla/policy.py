@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from envs.sim import CameraSpec
 from policies.base import Decision
 from policies.codec import ActionCodec
+from policies.generation import greedy_decisions
 from policies.tiny_vla.processing_tiny_vla import POST_INSTRUCTION, REFUSAL, prompt_text
 
 POLICY_FILE = "policy.json"
@@ -109,31 +110,12 @@ class TinyVLAPolicy:
         enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return enc
 
-    @torch.no_grad()
     def act_batch(self, observations: list[dict]) -> list[Decision]:
         if not observations:
             return []
-        enc = self.inputs(observations)
-        tok = self.processor.tokenizer
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+        return greedy_decisions(
+            self.model, self.inputs(observations), self.processor.tokenizer, self.codec, self.max_new_tokens
         )
-        new = out.sequences[:, enc["input_ids"].shape[1] :]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        first = out.logits[0].float().cpu().numpy()
-        decisions = []
-        for i, text in enumerate(texts):
-            decoded = self.codec.decode(text)
-            action = decoded.command.to_action() if decoded.command is not None else None
-            decisions.append(Decision(text.strip(), action, decoded.refused, decoded.error, first[i]))
-        return decisions
 
     def act(self, observation: dict) -> Decision:
         return self.act_batch([observation])[0]
