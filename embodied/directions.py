@@ -111,7 +111,8 @@ def mean_activations(policy: Steerable, observations: Sequence[dict], batch_size
     handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(ad.blocks)]
     try:
         for chunk in _batches(observations, batch_size):
-            policy.model(**_model_inputs(policy, chunk), use_cache=False)
+            # only the last position's logits: the activations are what is wanted, not a vocabulary-wide head
+            policy.model(**_model_inputs(policy, chunk), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
