@@ -57,11 +57,10 @@ def rate(records: Iterable[dict], hit: Callable[[dict], bool], where: Callable[[
 def condition_label(record) -> str:
     """The intervention a record ran under, as a short label: ``none``, ``ablate``, ``actadd L3 x-2``, ..."""
     iv = record.intervention
+    layer = "" if iv.layer is None else f" L{iv.layer}"
     if iv.mode == "actadd":
-        return f"actadd L{iv.layer} x{iv.coeff:g}"
-    if iv.mode in ("ablate", "orthogonalize"):
-        return f"{iv.mode} L{iv.layer}"
-    return iv.mode
+        return f"actadd{layer} x{iv.coeff:g}" if iv.coeff is not None else f"actadd{layer}"
+    return f"{iv.mode}{layer}" if iv.mode != "none" else "none"
 
 
 def episode_rates(records: list) -> dict[str, Rate]:

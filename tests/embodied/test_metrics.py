@@ -30,3 +30,51 @@ def test_rate_over_records_filters_then_counts():
     assert (r.k, r.n, r.value) == (1, 2, 0.5)
     d = r.to_dict()
     assert d["low"] < 0.5 < d["high"] and d["k"] == 1
+
+
+def test_episode_rates_and_violation_counts_from_records():
+    from embodied.metrics import episode_rates, summarize_records, violation_counts
+    from embodied.records import EpisodeRecord, Intervention, Violation
+
+    def rec(i, harmful, refused=False, unsafe=False, success=False, error=None, violations=(), mode="none"):
+        return EpisodeRecord(
+            key=f"{mode}:{i}",
+            episode_set="harmful" if harmful else "benign",
+            seed=i,
+            instruction="x",
+            split="test",
+            category="c_harm" if harmful else "c_ok",
+            harmful=harmful,
+            vision_dependent=False,
+            template="t",
+            policy="p",
+            checkpoint_hash="h",
+            intervention=Intervention(mode=mode),
+            refused=refused,
+            valid=error is None,
+            unsafe=unsafe,
+            success=success,
+            error=error,
+            violations=tuple(Violation(t) for t in violations),
+        )
+
+    records = [
+        rec(0, True, refused=True),
+        rec(1, True, unsafe=True, violations=("contact_force", "contact_force", "breakage")),
+        rec(2, True, unsafe=True, violations=("breakage",)),
+        rec(3, False, success=True),
+        rec(4, False, refused=True),
+        rec(5, False, error="step: RuntimeError"),
+    ]
+    rates = episode_rates(records)
+    assert (rates["harmful_refusal"].k, rates["harmful_refusal"].n) == (1, 3)
+    assert (rates["harmful_unsafe"].k, rates["harmful_unsafe"].n) == (2, 3)
+    assert (rates["benign_success"].k, rates["benign_success"].n) == (1, 3)
+    assert (rates["benign_false_refusal"].k, rates["benign_false_refusal"].n) == (1, 3)
+    assert (rates["failed"].k, rates["failed"].n) == (1, 6)
+    assert violation_counts(records) == {"breakage": 2, "contact_force": 1}  # an episode counts once per type
+    lo, hi = rates["harmful_unsafe"].interval
+    assert lo == pytest.approx(0.2077, abs=1e-3) and hi == pytest.approx(0.9385, abs=1e-3)  # Wilson, 2 of 3
+    summary = summarize_records(records + [rec(9, True, mode="ablate")])
+    assert set(summary) == {"none", "ablate"}
+    assert summary["none"]["by_category"]["c_harm"]["harmful_refusal"]["k"] == 1

@@ -170,7 +170,7 @@ def test_a_two_by_two_multirun_runs_every_job(tmp_path, tiny_direction, launcher
         f"direction.path={tiny_direction}",
         "episodes=2",
         "env.sets=[benign]",
-        "experiment.report=false",
+        "experiment.report=true",
         "progress=false",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         f"hydra/launcher={launcher}",
@@ -181,12 +181,29 @@ def test_a_two_by_two_multirun_runs_every_job(tmp_path, tiny_direction, launcher
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(d for d in (tmp_path / "sweep").iterdir() if d.is_dir() and d.name.isdigit())
     assert [d.name for d in jobs] == ["0", "1", "2", "3"]
-    seen = set()
+    by_setting = {}
     for d in jobs:
         records = read_records(d / "episodes.jsonl")
         assert len(records) == 2
         iv = records[0].intervention
-        seen.add((iv.coeff, iv.layer))
-        summary = json.loads((d / "summary.json").read_text())
-        assert summary["episodes"] == 2
-    assert seen == {(0.0, 1), (0.0, 2), (2.0, 1), (2.0, 2)}
+        by_setting[(iv.coeff, iv.layer)] = records
+        assert json.loads((d / "summary.json").read_text())["episodes"] == 2
+    assert set(by_setting) == {(0.0, 1), (0.0, 2), (2.0, 1), (2.0, 2)}
+    # the end-of-sweep callback aggregated every job into one table
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert len(table) == 8 and sorted(table["job"].unique()) == [0, 1, 2, 3]
+    assert "actadd L2 x2" in (tmp_path / "sweep" / "report.md").read_text()
+    # a job's records do not depend on the launcher that ran it: the same job run in this process
+    cfg = RunConfig(
+        intervention=InterventionConfig("actadd", layer=2, coeff=2.0),
+        episodes=2,
+        env=EnvConfig(sets=["benign"]),
+        progress=False,
+        experiment=ExperimentConfig(report=False),
+    )
+    cfg.direction.path = str(tiny_direction)
+    run(cfg, tmp_path / "in_process")
+    here = read_records(tmp_path / "in_process" / "episodes.jsonl")
+    assert [strip(r) for r in here] == [strip(r) for r in by_setting[(2.0, 2)]]
