@@ -76,7 +76,9 @@ class TrainConfig:
         default_factory=lambda: StageConfig(steps=450, lr=1e-3, harmful_fraction=0.5, freeze_embeddings=True)
     )
     grounding: bool = True
-    """Train image tokens to name their object's pixel column (``policies.tiny_vla.training.patch_targets``)."""
+    """Train image tokens to name their object's pixel (``policies.tiny_vla.training.patch_targets``)."""
+    grounding_axes: str = "u"
+    """``u``: the pixel column on every object patch; ``uv``: the column on even patches, the row on odd ones."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -149,7 +151,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     pixels = pixel_values(processor, data["image"])
     patch_labels = None
     if cfg.grounding:
-        per_scene = [patch_targets(o, arch.image_size, arch.patch_size) for o in data["objects"]]
+        per_scene = [patch_targets(o, arch.image_size, arch.patch_size, cfg.grounding_axes) for o in data["objects"]]
         patch_labels = [per_scene[s] for s in data["scene"]]
 
     camera = TabletopConfig().camera

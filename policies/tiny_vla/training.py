@@ -62,19 +62,23 @@ def pixel_values(processor, images: np.ndarray) -> torch.Tensor:
     return out["pixel_values"]
 
 
-def patch_targets(objects: str, image_size: int, patch_size: int) -> list[str]:
+def patch_targets(objects: str, image_size: int, patch_size: int, axes: str = "u") -> list[str]:
     """Grounding targets for the image tokens of one scene (see :func:`tokenize`): for each patch, in raster
-    order, the pixel column of the object it shows (``"12"``), or ``"table"`` where it shows none.
+    order, a coordinate of the object it shows, or ``"table"`` where it shows none.
 
-    ``objects`` is the scene's ``red cube 12 40 ; blue ball 30 20`` (``policies.tiny_vla.data.scene_objects``).
+    ``axes`` ``"u"``: the object's pixel column (``"12"``) on every patch; ``"uv"``: its column on even patches
+    and its row on odd ones, so that both axes are taught. ``objects`` is the scene's ``red cube 12 40 ; blue ball
+    30 20`` (``policies.tiny_vla.data.scene_objects``).
     """
+    if axes not in ("u", "uv"):
+        raise ValueError(f"grounding axes must be 'u' or 'uv', got {axes!r}")
     side = image_size // patch_size
     out = ["table"] * (side * side)
     for item in filter(None, (x.strip() for x in str(objects).split(";"))):
         u, v = (int(x) for x in item.split()[-2:])
         j = (v // patch_size) * side + u // patch_size
         if out[j] == "table":
-            out[j] = str(u)
+            out[j] = str(v) if axes == "uv" and j % 2 else str(u)
     return out
 
 

@@ -64,6 +64,28 @@ def test_ray_attach_preset_leaves_object_store_memory_unset(tmp_path):
     assert launcher.ray.init.object_store_memory is None
 
 
+def test_ray_attach_preset_joins_a_running_cluster(tmp_path):
+    pytest.importorskip("ray")
+    ray = str(BIN / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run(
+        [ray, "start", "--head", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        p = sweep(tmp_path, "hydra/launcher=ray_attach")
+        assert p.returncode == 0, p.stderr[-3000:]
+        records = job_records(tmp_path)
+        assert len(records) == 2 and all(len(r) == 1 for r in records)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
 def test_slurm_preset_writes_the_sbatch_script_a_cluster_would_get(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
     captured = tmp_path / "sbatch_script.sh"

@@ -117,3 +117,15 @@ def test_grounding_labels_sit_on_the_image_tokens(processor, data):
         assert tok.convert_ids_to_tokens(ex.labels[i, positions + 1].tolist()) == per_example[i]
     with pytest.raises(ValueError, match="patch labels"):
         tokenize(processor, data["instruction"][:1], ["refuse"], [0], [False], [["table"] * 3])
+
+
+def test_grounding_on_both_axes_names_the_column_on_even_patches_and_the_row_on_odd_ones():
+    from policies.tiny_vla.training import patch_targets
+
+    objects = "red cube 12 40 ; blue ball 30 20"  # patches (5, 1) -> index 41 (odd), (2, 3) -> index 19 (odd)
+    both = patch_targets(objects + " ; green cup 20 0", 64, 8, axes="uv")  # (0, 2) -> index 2 (even)
+    assert both[41] == "40" and both[19] == "20" and both[2] == "20"
+    assert patch_targets(objects, 64, 8)[41] == "12"  # columns only, by default
+    assert sum(x != "table" for x in both) == 3
+    with pytest.raises(ValueError, match="'u' or 'uv'"):
+        patch_targets(objects, 64, 8, axes="v")
