@@ -64,6 +64,7 @@ def test_ray_attach_preset_leaves_object_store_memory_unset(tmp_path):
     assert launcher.ray.init.object_store_memory is None
 
 
+@pytest.mark.slow  # starting a Ray head node takes a minute on 2 cores; CI runs it with make test-slow
 def test_ray_attach_preset_joins_a_running_cluster(tmp_path):
     pytest.importorskip("ray")
     ray = str(BIN / "ray")
