@@ -77,8 +77,8 @@ class TrainConfig:
     )
     grounding: bool = True
     """Train image tokens to name their object's pixel (``policies.tiny_vla.training.patch_targets``)."""
-    grounding_axes: str = "u"
-    """``u``: the pixel column on every object patch; ``uv``: the column on even patches, the row on odd ones."""
+    grounding_axes: str = "uv"
+    """``uv``: the pixel column on even object patches, the row on odd ones; ``u``: the column on every one."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
