@@ -144,11 +144,13 @@ def run_condition(
     envs: list[TabletopEnv] = []
     ran = 0
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            while len(envs) < len(chunk):
-                envs.append(TabletopEnv(image_size=image_size, split=split, categories=eval_set.categories))
-            ran += _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode)
+        # once per condition: orthogonalize edits a copy of the weights, hooks stay for every batch
+        with applied(policy, condition):
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                while len(envs) < len(chunk):
+                    envs.append(TabletopEnv(image_size=image_size, split=split, categories=eval_set.categories))
+                ran += _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode)
     finally:
         for env in envs:
             env.close()
