@@ -206,11 +206,8 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
     projections: list = [None] * len(live)
     if observations:
         try:
-            # the probe's model is looked up after `applied` entered (orthogonalize swaps in an edited copy)
-            with (
-                applied(policy, condition),
-                projection_probe(getattr(policy, "model", None), condition.direction) as seen,
-            ):
+            # run_condition has applied the condition: policy.model is the model that acts (orthogonalize: a copy)
+            with projection_probe(getattr(policy, "model", None), condition.direction) as seen:
                 decisions = policy.act_batch(observations)
             if seen:
                 projections = [float(p) for p in seen[0]]

@@ -207,3 +207,27 @@ def test_a_two_by_two_multirun_runs_every_job(tmp_path, tiny_direction, launcher
     run(cfg, tmp_path / "in_process")
     here = read_records(tmp_path / "in_process" / "episodes.jsonl")
     assert [strip(r) for r in here] == [strip(r) for r in by_setting[(2.0, 2)]]
+
+
+def test_actadd_moves_the_recorded_projection_by_exactly_its_coefficient(tmp_path, tiny_direction):
+    from embodied.directions import DirectionArtifact
+
+    artifact = DirectionArtifact.load(tiny_direction)
+    cfg = RunConfig(
+        episodes=3,
+        env=EnvConfig(sets=["benign"]),
+        progress=False,
+        batch_size=2,  # two batches: the intervention must be applied once, not once per batch
+        experiment=ExperimentConfig(
+            conditions=[InterventionConfig("none"), InterventionConfig("actadd", layer=artifact.layer, coeff=1.5)],
+            report=False,
+        ),
+    )
+    cfg.direction.path = str(tiny_direction)
+    run(cfg, tmp_path)
+    records = read_records(tmp_path / "episodes.jsonl")
+    base = {r.seed: r.projection for r in records if r.intervention.mode == "none"}
+    steered = {r.seed: r.projection for r in records if r.intervention.mode == "actadd"}
+    shift = 1.5 * float(artifact.vector @ artifact.direction)
+    for seed, p in steered.items():
+        assert p - base[seed] == pytest.approx(shift, rel=1e-4)
