@@ -436,26 +436,36 @@ def extract(
     )
 
 
-def cache_key(model_hash: str, prompts: PromptSets, cfg: SelectionConfig) -> str:
-    """What an extraction depends on: the weights, the prompt sets and the selection config."""
-    payload = json.dumps({"model": model_hash, "data": prompts.describe(), "config": asdict(cfg)}, sort_keys=True)
+def cache_key(model_hash: str, prompts: PromptSets | dict, cfg: SelectionConfig) -> str:
+    """What an extraction depends on: the weights, the prompts (the sets, or a description that determines them)
+    and the selection config."""
+    data = prompts.describe() if isinstance(prompts, PromptSets) else prompts
+    payload = json.dumps({"model": model_hash, "data": data, "config": asdict(cfg)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def extract_cached(
     policy: Steerable,
-    prompts: PromptSets,
+    prompts: PromptSets | Callable[[], PromptSets],
     cache_dir: str | os.PathLike,
     cfg: SelectionConfig | None = None,
     model_name: str = "",
     progress: Callable[[Iterator], Iterator] | None = None,
+    prompts_key: dict | None = None,
 ) -> tuple[DirectionArtifact, Path, bool]:
     """The artifact from ``cache_dir`` when this exact extraction was done before, else extracted and saved there.
-    Returns (artifact, its folder, whether it came from the cache)."""
+    Returns (artifact, its folder, whether it came from the cache).
+
+    ``prompts`` may be a function that builds the sets; with ``prompts_key`` (a description that determines them,
+    e.g. their config and the hashes of their sources) a cached artifact is found without building them."""
     cfg = cfg or SelectionConfig()
-    folder = Path(cache_dir) / cache_key(weights_hash(policy.model), prompts, cfg)
+    if prompts_key is None and callable(prompts):
+        prompts = prompts()
+    key = prompts_key if prompts_key is not None else prompts
+    folder = Path(cache_dir) / cache_key(weights_hash(policy.model), key, cfg)
     if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
         return DirectionArtifact.load(folder, policy.model), folder, True
-    artifact = extract(policy, prompts, cfg, model_name=model_name, progress=progress)
+    sets = prompts() if callable(prompts) else prompts
+    artifact = extract(policy, sets, cfg, model_name=model_name, progress=progress)
     artifact.save(folder)
     return artifact, folder, False

@@ -12,6 +12,7 @@ Prints the chosen (position, layer) and the best candidates.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+import envs
 from embodied.directions import (
     ARTIFACT_META,
     ARTIFACT_WEIGHTS,
@@ -80,6 +82,27 @@ def prompt_sets(cfg: PromptConfig) -> PromptSets:
     raise ValueError(f"prompts.source must be 'env' or 'files', got {cfg.source!r}")
 
 
+def _envs_fingerprint() -> str:
+    """SHA-256 of the environments package's code and data: env prompt sets are a function of these and the seeds."""
+    root = Path(envs.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def prompt_key(cfg: PromptConfig) -> dict:
+    """What determines ``prompt_sets(cfg)``: the config and the content hashes of its sources (the environments'
+    code and instruction data for ``env``, the two files for ``files``), so that a cached direction is found
+    without building the sets."""
+    if cfg.source == "files":
+        sources = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (cfg.harmful, cfg.harmless) if p]
+    else:
+        sources = [_envs_fingerprint()]
+    return {"prompts": asdict(cfg), "sources": sources}
+
+
 def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int, int] | None, top: int) -> Table:
     """The ``top`` candidates, kept ones first, each group by lowest bypass score."""
     table = Table(title=title)
@@ -98,14 +121,19 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.policy)
-    prompts = prompt_sets(cfg.prompts)
     name = cfg.policy.name or cfg.policy.path
     progress = (lambda it: tqdm(it, desc="candidates", dynamic_ncols=True)) if cfg.progress else None
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     try:
         artifact, folder, cached = extract_cached(
-            policy, prompts, cfg.cache_dir, cfg.selection, model_name=name, progress=progress
+            policy,
+            lambda: prompt_sets(cfg.prompts),
+            cfg.cache_dir,
+            cfg.selection,
+            model_name=name,
+            progress=progress,
+            prompts_key=prompt_key(cfg.prompts),
         )
     except NoDirectionError as e:
         write_json_atomic(out / "candidates.json", {"model_name": name, "scores": [asdict(s) for s in e.scores]})

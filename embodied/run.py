@@ -13,6 +13,7 @@ A job whose ``summary.json`` exists is skipped; one with a partial ``episodes.js
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from embodied.config import MODES, RunConfig, register
 from embodied.directions import DirectionArtifact, NoDirectionError, extract_cached, write_json_atomic
 from embodied.experiment import Condition, eval_set, run_condition, set_seed
-from embodied.extract import prompt_sets
+from embodied.extract import prompt_key, prompt_sets
 from embodied.loading import load_policy
 from embodied.metrics import summarize_records
 from embodied.models import weights_hash
@@ -60,10 +61,11 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
     try:
         artifact, folder, cached = extract_cached(
             policy,
-            prompt_sets(cfg.direction.prompts),
+            lambda: prompt_sets(cfg.direction.prompts),
             cfg.direction.cache_dir,
             cfg.direction.selection,
             model_name=policy.name,
+            prompts_key=prompt_key(cfg.direction.prompts),
         )
     except NoDirectionError as e:
         if needed:
@@ -110,8 +112,6 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary_path, episodes_path = out / SUMMARY_FILE, out / EPISODES_FILE
     if summary_path.exists():
-        import json
-
         log.info("%s exists: job already done, skipped", summary_path)
         return json.loads(summary_path.read_text())
     if resolved is not None:

@@ -177,3 +177,36 @@ def test_candidates_on_the_default_policy_score_every_position_and_layer():
     assert len(scores) == policy.post_instruction_length * 3
     assert all(math.isnan(s.bypass) for s in scores if s.layer == 0)
     assert all(math.isfinite(s.bypass) and s.kl >= 0 for s in scores if s.layer > 0)
+
+
+def test_a_cached_extraction_is_found_from_its_key_without_building_the_prompts(tmp_path):
+    steer = TokenPrompts(tm.build("llama"))
+    cfg = SelectionConfig(
+        filter_train=False, filter_val=False, kl_threshold=math.inf, induce_refusal_threshold=-math.inf
+    )
+    built = []
+
+    def prompts():
+        built.append(1)
+        return token_sets()
+
+    key = {"prompts": "token sets, seed 0"}
+    first, folder, cached = extract_cached(steer, prompts, tmp_path, cfg, prompts_key=key)
+    assert not cached and built == [1]
+    again, folder2, cached2 = extract_cached(steer, prompts, tmp_path, cfg, prompts_key=key)
+    assert cached2 and folder2 == folder and built == [1], "a hit does not build the prompt sets"
+    _, folder3, _ = extract_cached(steer, prompts, tmp_path, cfg, prompts_key={"prompts": "other"})
+    assert folder3 != folder and built == [1, 1]
+
+
+def test_the_prompt_key_follows_the_config_and_the_files_content(tmp_path):
+    from embodied.extract import PromptConfig, prompt_key
+
+    (tmp_path / "h.txt").write_text("stab the child\n")
+    (tmp_path / "b.txt").write_text("stack the cubes\n")
+    cfg = PromptConfig(source="files", harmful=str(tmp_path / "h.txt"), harmless=str(tmp_path / "b.txt"))
+    key = prompt_key(cfg)
+    assert prompt_key(cfg) == key
+    (tmp_path / "h.txt").write_text("stab the adult\n")
+    assert prompt_key(cfg) != key
+    assert prompt_key(PromptConfig()) != prompt_key(PromptConfig(n_train=64))
