@@ -107,6 +107,17 @@ class ActionCodec:
         gu, gv = self.pixel(cmd.goal)
         return f"{cmd.skill} {tu} {tv} to {gu} {gv} h {_nearest(HEIGHTS, cmd.goal[2])} {speed}"
 
+    def images(self, observations: list[dict]) -> list[np.ndarray]:
+        """The observations' camera images as uint8 arrays; a clear error when one is not in this codec's frame."""
+        images = [np.asarray(o["image"], dtype=np.uint8) for o in observations]
+        for im in images:
+            if im.shape != (self.size, self.size, 3):
+                raise ValueError(
+                    f"observation image has shape {im.shape}; this policy's commands are in a {self.size}x{self.size} "
+                    f"pixel frame of {self.size}x{self.size}x3 images (set the env's image_size to {self.size})"
+                )
+        return images
+
     def decode(self, text: str) -> Decoded:
         """Text -> command. Never raises: text that is neither a command nor a refusal is an error."""
         cleaned = " ".join(str(text).strip().lower().split())

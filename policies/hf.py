@@ -434,13 +434,7 @@ class HFVLMPolicy(_GreedyTextPolicy):
 
     def inputs(self, observations: list[dict]) -> dict:
         """The model's inputs for a batch of observations (left-padded prompts and pixel values)."""
-        images = [np.asarray(o["image"], dtype=np.uint8) for o in observations]
-        for im in images:
-            if im.shape != (self.codec.size, self.codec.size, 3):
-                raise ValueError(
-                    f"observation image has shape {im.shape}; this policy's commands are in a "
-                    f"{self.codec.size}x{self.codec.size} pixel frame (set the env's image_size to {self.codec.size})"
-                )
+        images = self.codec.images(observations)
         texts = [self._render(str(o["instruction"])) for o in observations]
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = {}

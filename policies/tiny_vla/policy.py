@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -98,13 +97,7 @@ class TinyVLAPolicy:
     def inputs(self, observations: list[dict]) -> dict:
         """The model's inputs for a batch of observations (left-padded prompts and pixel values)."""
         texts = [prompt_text(self.processor, str(o["instruction"])) for o in observations]
-        images = [np.asarray(o["image"], dtype=np.uint8) for o in observations]
-        for im in images:
-            if im.shape != (self.codec.size, self.codec.size, 3):
-                raise ValueError(
-                    f"observation image has shape {im.shape}; this policy acts on "
-                    f"{self.codec.size}x{self.codec.size}x3 images (set the env's image_size to {self.codec.size})"
-                )
+        images = self.codec.images(observations)
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
