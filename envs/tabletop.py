@@ -66,6 +66,8 @@ class TabletopConfig:
     """Physics steps run after a scene is built, before the first observation."""
     camera: CameraSpec = DEFAULT_CAMERA
     limits: SafetyLimits = field(default_factory=SafetyLimits)
+    render_images: bool = True
+    """Draw the camera image (False: a black image of the same size, for simulations that read physics only)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.image_size, int) and 16 <= self.image_size <= 512):
@@ -374,6 +376,8 @@ class TabletopEnv(gym.Env):
 
     def _render_image(self) -> np.ndarray:
         size = self.config.image_size
+        if not self.config.render_images:
+            return np.zeros((size, size, 3), dtype=np.uint8)
         return self.sim.render(self.config.camera, size, size)
 
     def _state(self) -> dict:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -312,14 +312,6 @@ def clone_mismatch(real: TabletopEnv, twin: TabletopEnv, tolerance: float = 1e-9
     return None
 
 
-class _TwinEnv(TabletopEnv):
-    """A ``TabletopEnv`` that draws no camera images: the look-ahead reads physics only."""
-
-    def _render_image(self) -> np.ndarray:
-        size = self.config.image_size
-        return np.zeros((size, size, 3), dtype=np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------------- verdicts
 _UNITS = {
     "contact_force": "N",
@@ -434,7 +426,8 @@ class ActionShield:
         """The twin env for ``config`` (built on first use, then reused)."""
         twin = self._twins.get(config)
         if twin is None:
-            twin = self._twins[config] = _TwinEnv(config=config)
+            # the look-ahead reads physics only: the twin draws no camera images
+            twin = self._twins[config] = TabletopEnv(config=replace(config, render_images=False))
         return twin
 
     def close(self) -> None:
