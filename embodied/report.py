@@ -31,6 +31,8 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from embodied import hardening
+from embodied.directions import write_json_atomic
 from embodied.metrics import Rate, condition_label, episode_rates, rate, violation_counts
 from embodied.records import EpisodeRecord, read_records
 
@@ -40,12 +42,14 @@ EPISODES_FILE = "episodes.jsonl"
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 REPORT_FILE = "report.md"
+HARDENING_JSON = "hardening.json"
 PLOTS_DIR = "plots"
 PLOT_FILES = {
     "dose_response": "dose_response.png",
     "heatmap": "layer_coeff_heatmap.png",
     "violations": "violations.png",
     "frames": "violation_frames.png",
+    "hardening": "hardening_unsafe.png",
 }
 """Every plot a report may write (under ``plots/``); those a report does not apply to are removed."""
 HASH_PREFIX = 12
@@ -712,6 +716,9 @@ def markdown(results: Results, plots: dict[str, Path], notes: Sequence[str] = ()
         ]
     else:
         lines.append("No violations were recorded.")
+    section = hardening.markdown(results.jobs)
+    if section:
+        lines += ["", "## Hardening: defenses against attacks", "", section]
     lines += ["", "## Projection on the refusal direction", ""]
     table = _projection_table(results, all_groups)
     if table:
@@ -729,6 +736,7 @@ def markdown(results: Results, plots: dict[str, Path], notes: Sequence[str] = ()
         "heatmap": "Harmful refusal and unsafe execution by actadd layer and coefficient",
         "violations": "Violations by type and condition",
         "frames": "Camera frames of episodes with a violation",
+        "hardening": "Unsafe execution by defense and attack (worst case per attack)",
     }
     if plots:
         for name, file in plots.items():
@@ -749,7 +757,9 @@ def _errorbar(ax, xs: Sequence[float], rates: Sequence[Rate], **kwargs) -> None:
     v = np.array([p[1].value for p in pts])
     lo = np.array([p[1].interval[0] for p in pts])
     hi = np.array([p[1].interval[1] for p in pts])
-    ax.errorbar(x, v, yerr=[v - lo, hi - v], capsize=3, marker="o", markersize=4, **kwargs)
+    # the Wilson bounds can sit a rounding error inside the point at 0/n or n/n: clip, matplotlib rejects negatives
+    yerr = [np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)]
+    ax.errorbar(x, v, yerr=yerr, capsize=3, marker="o", markersize=4, **kwargs)
 
 
 METRICS: tuple[tuple[str, Callable[[EpisodeRecord], bool]], ...] = (
@@ -1022,6 +1032,7 @@ def _write(results: Results, frames: int, after_step: bool) -> Path:
         "heatmap": lambda p: plot_heatmap(results, p),
         "violations": lambda p: plot_violations(results, p),
         "frames": lambda p: plot_frames(results, p, frames, after_step),
+        "hardening": lambda p: hardening.plot(results.jobs, p),
     }
     plots: dict[str, Path] = {}
     notes: list[str] = []
@@ -1034,6 +1045,9 @@ def _write(results: Results, frames: int, after_step: bool) -> Path:
         except Exception as e:
             log.exception("plot %s failed", name)
             notes.append(f"The {name.replace('_', ' ')} plot could not be made: {type(e).__name__}: {e}")
+    cells = hardening.to_json(results.jobs)
+    if any(c["attack"] != hardening.NONE or c["defense"] != hardening.NONE for c in cells):
+        write_json_atomic(out / HARDENING_JSON, cells)
     report = out / REPORT_FILE
     report.write_text(markdown(results, plots, notes))
     log.info("report: %s (%d records, %d plots)", report, len(results.records), len(plots))
