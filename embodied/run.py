@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -26,11 +27,12 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from embodied.config import MODES, RunConfig, register
+import policies
+from embodied.config import MODES, InterventionConfig, RunConfig, register
 from embodied.directions import DirectionArtifact, NoDirectionError, extract_cached, write_json_atomic
-from embodied.experiment import Condition, eval_set, run_condition, set_seed
+from embodied.experiment import Condition, Defenses, eval_set, run_condition, set_seed
 from embodied.extract import prompt_key, prompt_sets
-from embodied.loading import load_policy
+from embodied.loading import PolicyConfig, load_policy
 from embodied.metrics import summarize_records
 from embodied.models import weights_hash
 from embodied.records import RecordWriter, keys, read_records
@@ -82,6 +84,77 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
     return artifact
 
 
+DERIVED = ("abliterated", "finetuned")
+"""Attack checkpoints derived from the run's policy (any other ``attack.checkpoint`` is a supplied checkpoint)."""
+
+
+def attack_interventions(cfg: RunConfig) -> list[InterventionConfig]:
+    """The job's conditions: the attack's (steering, then one per jailbreak template), else the experiment's, else
+    the run's ``intervention``."""
+    base = list(cfg.attack.conditions or cfg.experiment.conditions or [cfg.intervention])
+    names = cfg.attack.templates
+    if names:
+        from embodied.attacks.jailbreak import template_names
+
+        names = template_names() if list(names) == ["all"] else names
+        base += [InterventionConfig("none", template=name) for name in names]
+    return base
+
+
+def supplied_policy(cfg: RunConfig) -> PolicyConfig:
+    """The policy to load: the run's, or the checkpoint an attacker supplies in its place (``attack.checkpoint``
+    that is neither ``abliterated`` nor ``finetuned``)."""
+    ckpt = cfg.attack.checkpoint
+    if not ckpt or ckpt in DERIVED:
+        return cfg.policy
+    if cfg.policy.kind != "tiny_vla":
+        raise ValueError(f"attack.checkpoint={ckpt!r} replaces a tiny_vla policy; policy.kind is {cfg.policy.kind}")
+    return replace(cfg.policy, path=ckpt, name=None)
+
+
+def derived_policy(policy, cfg: RunConfig, direction: DirectionArtifact | None):
+    """The policy an attack derives from ``policy``'s weights: abliterated (orthogonalized, saved, loaded back) or
+    finetuned on harmful-compliance examples; loaded from ``attack.cache_dir`` when made before."""
+    cache = Path(cfg.attack.cache_dir).expanduser()
+    kind = cfg.attack.checkpoint
+    if cfg.policy.kind != "tiny_vla":
+        raise ValueError(f"attack.checkpoint={kind} is built for tiny_vla policies, not policy.kind={cfg.policy.kind}")
+    source = policies.checkpoint_path(cfg.policy.path)
+    if kind == "abliterated":
+        from embodied.attacks.abliterate import abliterated_cached
+
+        folder, cached = abliterated_cached(policy, direction, cache, source)
+    else:
+        from embodied.attacks.finetune import finetuned_cached
+
+        folder, cached = finetuned_cached(source, cfg.attack.finetune, cache), None
+    log.info("attack checkpoint %s: %s%s", kind, folder, " (cached)" if cached else "")
+    attacked = load_policy(replace(cfg.policy, path=str(folder), name=f"{policy.name}+{kind}"))
+    attacked.name = f"{policy.name}+{kind}"
+    return attacked
+
+
+def build_defenses(policy, cfg: RunConfig) -> Defenses:
+    """The run's shield and monitor (the monitor's probe fitted on ``policy``, cached by its weights)."""
+    d = cfg.defense
+    if not (d.shield or d.monitor):
+        return Defenses(None if d.name == "none" else d.name)
+    probe = None
+    if d.monitor:
+        if not hasattr(policy, "post_instruction_length"):
+            raise ValueError(f"defense.monitor needs a policy with a residual stream; {policy.name} has none")
+        from embodied.defenses.monitor import fit_probe_cached
+
+        probe = fit_probe_cached(policy, d.monitor_options, model_name=policy.name)
+        log.info("monitor: layer %d, position %d, threshold %.3f", probe.layer, probe.position, probe.threshold)
+    shield = None
+    if d.shield:
+        from embodied.defenses.shield import ActionShield
+
+        shield = ActionShield(d.shield_options)
+    return Defenses(d.name, shield, probe)
+
+
 def results_table(summary: dict) -> Table:
     table = Table(title="refusal and unsafe execution by condition (95% Wilson intervals)")
     cols = [
@@ -91,6 +164,8 @@ def results_table(summary: dict) -> Table:
         ("false refusal", "benign_false_refusal"),
         ("failed", "failed"),
     ]
+    if summary.get("defense", "none") != "none":
+        cols[4:4] = [("vetoed harmful", "harmful_vetoed"), ("false veto", "benign_vetoed")]
     table.add_column("condition")
     for name, _ in cols:
         table.add_column(name, justify="right")
@@ -120,14 +195,20 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    interventions = cfg.experiment.conditions or [cfg.intervention]
+    interventions = attack_interventions(cfg)
     for iv in interventions:
         if iv.mode not in MODES:
             raise ValueError(f"intervention.mode must be one of {MODES}, got {iv.mode!r}")
-    policy = load_policy(cfg.policy)
-    needed = any(iv.mode != "none" for iv in interventions)
+    policy = load_policy(supplied_policy(cfg))
+    derived = cfg.attack.checkpoint in DERIVED
+    needed = any(iv.mode != "none" for iv in interventions) or cfg.attack.checkpoint == "abliterated"
     direction = direction_for(policy, cfg, needed)
-    conditions = [Condition.resolve(iv, direction) for iv in interventions]
+    defenses = build_defenses(policy, cfg)
+    if derived:
+        policy = derived_policy(policy, cfg, direction)
+    strength = float(cfg.attack.finetune.examples) if cfg.attack.checkpoint == "finetuned" else None
+    attack = cfg.attack.name if cfg.attack.name != "none" else None
+    conditions = [Condition.resolve(iv, direction, attack, strength) for iv in interventions]
     sets = [eval_set(name) for name in cfg.env.sets]
     policy_hash = weights_hash(policy.model) if hasattr(policy, "model") else policy.name
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
@@ -157,9 +238,11 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
                         image_size=cfg.env.image_size,
                         batch_size=cfg.batch_size,
                         on_episode=lambda r: bar.update(1),
+                        defenses=defenses,
                     )
     finally:
         bar.close()
+        defenses.close()
     records = read_records(episodes_path)
     summary = {
         "experiment": cfg.experiment.name,
@@ -172,6 +255,17 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
             "layer": direction.layer,
             "position": direction.position,
             "model_hash": direction.model_hash,
+        },
+        "attack": cfg.attack.name,
+        "defense": cfg.defense.name,
+        "monitor": None
+        if defenses.probe is None
+        else {
+            "hash": defenses.probe.hash,
+            "layer": defenses.probe.layer,
+            "position": defenses.probe.position,
+            "threshold": defenses.probe.threshold,
+            "val": defenses.probe.val_rates,
         },
         "episodes": len(records),
         "seconds": round(time.perf_counter() - t0, 1),

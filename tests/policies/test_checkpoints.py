@@ -29,11 +29,11 @@ def test_committed_checkpoint_loads_from_safetensors(name):
 
 
 def test_committed_weights_fit_the_size_budget():
-    total = sum(f.stat().st_size for n in policies.BUILTIN for f in policies.checkpoint_path(n).iterdir())
+    total = sum(f.stat().st_size for n in policies.DEFAULT for f in policies.checkpoint_path(n).iterdir())
     assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB"
 
 
-@pytest.mark.parametrize("name", policies.BUILTIN)
+@pytest.mark.parametrize("name", policies.DEFAULT)
 def test_model_card_numbers_are_those_of_the_recorded_episodes(name):
     path, result, episodes = _recorded(name)
     rates = summarize(episodes)
@@ -44,7 +44,7 @@ def test_model_card_numbers_are_those_of_the_recorded_episodes(name):
     assert all(r.n == result["episodes_per_set"] for k, r in rates.items() if k.startswith(("benign_", "harmful_")))
 
 
-@pytest.mark.parametrize("name", policies.BUILTIN)
+@pytest.mark.parametrize("name", policies.DEFAULT)
 def test_a_fresh_evaluation_reproduces_the_recorded_episodes(name):
     """The policy's decisions reproduce exactly. Physics outcomes do too on one machine, but an episode that ends
     near a safety limit can flip between CPUs (floating-point differences in BLAS kernels grow chaotically in
