@@ -4,6 +4,10 @@ weight orthogonalization, for any model :mod:`embodied.models` supports.
 ``ablate`` and ``actadd`` are context managers that register forward hooks and remove them on exit, also after an
 exception; they nest. ``orthogonalize`` edits weights instead, so that the edited model computes what the ablated
 model computes, with no hooks at all (it can be saved with ``save_pretrained`` and loaded like any checkpoint).
+
+``ablate`` and ``orthogonalize`` take one direction (a vector) or a subspace: a (k, d_model) tensor of directions,
+orthonormalized first (QR), whose whole span is removed. Refusal that survives the ablation of one direction can be
+probed by removing several (:mod:`embodied.defenses.rank`).
 """
 
 from __future__ import annotations
@@ -30,9 +34,49 @@ def unit(direction: torch.Tensor, d_model: int) -> torch.Tensor:
     return d / norm
 
 
+def basis(directions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """An orthonormal basis (k, d_model), float32 on the CPU, of the span of the rows of ``directions`` (QR in
+    float64); a clear error for a wrong shape, a non-finite entry or rows that are linearly dependent."""
+    D = torch.as_tensor(directions).detach().double().cpu()
+    if D.dim() != 2 or D.shape[0] < 1 or D.shape[1] != d_model:
+        raise ValueError(
+            f"a subspace must be given as a (k, {d_model}) tensor of directions, got shape {tuple(D.shape)}"
+        )
+    if not torch.isfinite(D).all():
+        raise ValueError("subspace directions must be finite (found NaN or inf)")
+    if D.shape[0] > d_model:
+        raise ValueError(f"{D.shape[0]} directions cannot be independent in a {d_model}-dimensional stream")
+    q, r = torch.linalg.qr(D.T)
+    diag = r.diagonal().abs()
+    scale = D.norm(dim=1).max()
+    if scale == 0 or bool((diag <= 1e-6 * scale).any()):
+        raise ValueError(
+            f"the {D.shape[0]} subspace directions are linearly dependent (or zero): pass independent directions"
+        )
+    return q.T.contiguous().float()
+
+
 def project_out(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``x`` minus its component along the unit vector ``d`` (last dimension)."""
+    """``x`` minus its component along the unit vector ``d``, or, for a (k, d_model) ``d`` with orthonormal rows,
+    minus its projection on their span (last dimension)."""
+    if d.dim() == 2:
+        return x - (x @ d.T) @ d
     return x - (x @ d).unsqueeze(-1) * d
+
+
+def _directions(direction: torch.Tensor, d_model: int) -> torch.Tensor:
+    """One unit vector (d_model,) for a vector, or an orthonormal basis (k, d_model) for a matrix."""
+    if torch.as_tensor(direction).dim() == 2:
+        return basis(direction, d_model)
+    return unit(direction, d_model)
+
+
+def _writer_directions(w: Writer, d: torch.Tensor) -> torch.Tensor:
+    """What to project out of a writer's output (a unit vector or an orthonormal basis) so that the stream gets
+    none of ``d``."""
+    if d.dim() == 1:
+        return w.output_direction(d)
+    return basis(torch.stack([w.output_direction(row) for row in d]), d.shape[1]).to(d)
 
 
 class _Cast:
@@ -84,10 +128,15 @@ def _hooks(register) -> Iterator[None]:
 
 @contextmanager
 def ablate(model: nn.Module, direction: torch.Tensor) -> Iterator[nn.Module]:
-    """Project the unit ``direction`` out of every block's input and every attention and MLP output, at all
-    positions, while the context is open."""
+    """Project ``direction`` out of every block's input and every attention and MLP output, at all positions,
+    while the context is open.
+
+    ``direction``: a vector (d_model,), normalized here; or a (k, d_model) tensor of directions, orthonormalized
+    here (QR), whose whole span is projected out. The projections are differentiable in the activations, so the
+    context also works in training (the directions themselves are constants).
+    """
     ad = adapter(model)
-    d = unit(direction, ad.d_model)
+    d = _directions(direction, ad.d_model)
 
     def register(handles: list) -> None:
         block_d = _Cast(d)
@@ -98,7 +147,7 @@ def ablate(model: nn.Module, direction: torch.Tensor) -> Iterator[nn.Module]:
                 )
             )
         for w in ad.attn_writers + ad.mlp_writers:
-            out_d = _Cast(w.output_direction(d))
+            out_d = _Cast(_writer_directions(w, d))
             handles.append(w.module.register_forward_hook(_map_output(lambda x, c=out_d: project_out(x, c.like(x)))))
 
     with _hooks(register):
@@ -142,22 +191,25 @@ def _untie_output_embeddings(model: nn.Module, ad: Adapter) -> None:
 
 @torch.no_grad()
 def _orthogonalize_writer(w: Writer, d: torch.Tensor) -> None:
-    d = w.output_direction(d).double()
+    d = _writer_directions(w, d).double()
     weight = w.module.weight
     W = weight.double()
     # nn.Linear stores (out, in) and writes W @ x; Conv1D stores (in, out) and writes x @ W.
-    W = W - torch.outer(W @ d, d) if w.conv1d else W - torch.outer(d, d @ W)
+    if d.dim() == 1:
+        W = W - torch.outer(W @ d, d) if w.conv1d else W - torch.outer(d, d @ W)
+    else:
+        W = W - (W @ d.T) @ d if w.conv1d else W - d.T @ (d @ W)
     weight.copy_(W.to(weight.dtype))
     bias = getattr(w.module, "bias", None)
     if bias is not None:
-        b = bias.double()
-        bias.copy_((b - (b @ d) * d).to(bias.dtype))
+        bias.copy_(project_out(bias.double(), d).to(bias.dtype))
 
 
 @torch.no_grad()
 def orthogonalize(model: nn.Module, direction: torch.Tensor, inplace: bool = False) -> nn.Module:
     """Project ``direction`` out of the embeddings and of every matrix (and bias) that writes to the residual
     stream: attention and MLP output projections, and the image projector of a vision-language model.
+    ``direction`` is a vector or a (k, d_model) tensor of directions whose span is removed (as in :func:`ablate`).
 
     Returns the edited model: ``model`` itself when ``inplace``, else a deep copy. A tied unembedding is untied
     first (it reads the stream, it does not write it).
@@ -165,11 +217,11 @@ def orthogonalize(model: nn.Module, direction: torch.Tensor, inplace: bool = Fal
     if not inplace:
         model = copy.deepcopy(model)
     ad = adapter(model)
-    d = unit(direction, ad.d_model).double()
+    d = _directions(direction, ad.d_model).double()
     _untie_output_embeddings(model, ad)
     for emb in ad.embeddings:
         E, de = emb.weight.double(), d.to(emb.weight.device)
-        emb.weight.copy_((E - torch.outer(E @ de, de)).to(emb.weight.dtype))
+        emb.weight.copy_(project_out(E, de).to(emb.weight.dtype))
     for w in ad.writers:
         _orthogonalize_writer(w, d.to(w.module.weight.device))
     return model

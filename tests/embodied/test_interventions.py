@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from embodied.interventions import ablate, actadd, orthogonalize, project_out, unit
+from embodied.interventions import ablate, actadd, basis, orthogonalize, project_out, unit
 from embodied.models import adapter
 from tests.embodied import tiny_models as tm
 
@@ -159,3 +159,74 @@ def test_orthogonalize_in_place_edits_the_given_model():
         ablated = logits(model, x)
     assert orthogonalize(model, d, inplace=True) is model
     torch.testing.assert_close(logits(model, x), ablated, atol=1e-4, rtol=0)
+
+
+def random_subspace(d_model: int, k: int, seed: int = 3) -> torch.Tensor:
+    """``k`` random directions, neither unit nor orthogonal (ablate must orthonormalize them)."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randn(d_model, generator=g)
+    return torch.stack([first * (i + 1) + torch.randn(d_model, generator=g) for i in range(k)])
+
+
+def test_basis_is_orthonormal_and_spans_the_directions():
+    D = random_subspace(32, 3)
+    Q = basis(D, 32)
+    torch.testing.assert_close(Q @ Q.T, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(project_out(D, Q), torch.zeros_like(D), atol=1e-4, rtol=0)
+
+
+def test_basis_rejects_dependent_misshapen_and_non_finite_directions():
+    d = torch.randn(32)
+    with pytest.raises(ValueError, match="linearly dependent"):
+        basis(torch.stack([d, 2 * d]), 32)
+    with pytest.raises(ValueError, match=r"\(k, 32\) tensor"):
+        basis(torch.randn(2, 31), 32)
+    with pytest.raises(ValueError, match="finite"):
+        basis(torch.tensor([[float("nan")] * 32]), 32)
+    with pytest.raises(ValueError, match="linearly dependent"), ablate(tm.build("llama"), torch.zeros(2, 32)):
+        pass
+
+
+def test_subspace_ablation_clears_every_direction_of_the_span_from_every_layer(family):
+    model, x = tm.build(family), tm.inputs(family)
+    d_model = adapter(model).d_model
+    D = random_subspace(d_model, 2)
+    units = [unit(row, d_model) for row in D]
+    assert all(stream_projections(model, x, d).max() > 1e-2 for d in units)
+    with ablate(model, D):
+        for d in units:
+            assert stream_projections(model, x, d).max() < 1e-5
+    for d in units:  # the weight edit removes the same subspace
+        assert stream_projections(orthogonalize(model, D), x, d).max() < 1e-5
+
+
+def test_one_direction_as_a_subspace_is_the_single_direction_ablation(family):
+    model, x = tm.build(family), tm.inputs(family)
+    d = random_direction(adapter(model).d_model)
+    with ablate(model, d):
+        single = logits(model, x)
+    with ablate(model, d[None, :] * -3.0):  # a (1, d_model) subspace: sign and scale do not matter
+        as_subspace = logits(model, x)
+    torch.testing.assert_close(as_subspace, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "llava"])
+def test_subspace_orthogonalization_equals_subspace_ablation(family):
+    model, x = tm.build(family), tm.inputs(family)
+    D = random_subspace(adapter(model).d_model, 3)
+    with ablate(model, D):
+        ablated = logits(model, x)
+    with ablate(model, D[0]):
+        one = logits(model, x)
+    assert (ablated - one).abs().max() > 1e-2, "the other directions of the subspace should matter"
+    torch.testing.assert_close(logits(orthogonalize(model, D), x), ablated, atol=1e-4, rtol=0)
+
+
+def test_ablation_passes_gradients_to_the_weights():
+    model, x = tm.build("llava"), tm.inputs("llava")
+    model.train()
+    with ablate(model, random_subspace(32, 2)):
+        loss = model(**x).logits.square().mean()
+    loss.backward()
+    grads = [p.grad for p in adapter(model).blocks[0].parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
