@@ -54,6 +54,10 @@ class DirectionConfig:
     """... and at this post-instruction position (negative; None: the selected one's)."""
     prompts: PromptConfig = field(default_factory=PromptConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    strongest: bool = False
+    """When no candidate passes the selection filters, take the one with the lowest bypass score (the strongest
+    single-direction ablation there is, what an attacker would take; :func:`embodied.extract.strongest_direction`)
+    instead of failing. Hardening experiments set it: a defended policy may have no direction that passes."""
     cache_dir: str = ".cache/embodied/directions"
     """Relative paths are resolved against the directory the command was started from."""
 

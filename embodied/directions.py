@@ -231,6 +231,67 @@ def select(scores: list[CandidateScore], n_layers: int, cfg: SelectionConfig) ->
     return kept[0]
 
 
+ALL_LAYERS = SelectionConfig(prune_layer_percentage=0.0)
+"""The repo's ``direction=all_layers`` selection: the paper's, without its layer filter."""
+
+
+def _restrict(candidates: torch.Tensor, layer: int | None, position: int | None) -> torch.Tensor:
+    """The candidates with every cell outside (``position``, ``layer``) zeroed (scored NaN, never selected)."""
+    n_pos, n_layers, _ = candidates.shape
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} blocks")
+    if position is not None and not -n_pos <= position < 0:
+        raise ValueError(f"position {position} is out of range: the template has {n_pos} post-instruction tokens")
+    keep = torch.zeros(n_pos, n_layers, 1, dtype=torch.bool)
+    keep[slice(None) if position is None else position + n_pos, slice(None) if layer is None else layer] = True
+    return torch.where(keep, candidates, torch.zeros(()))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A direction chosen from the candidates, with every candidate's scores (filter reasons included)."""
+
+    vector: torch.Tensor
+    """The raw difference in means at the chosen candidate (d_model,), float32."""
+    score: CandidateScore
+    how: str
+    """``selected`` (passed the repo's filters) or ``lowest bypass`` (none passed; the strongest one was taken)."""
+    scores: list[CandidateScore]
+
+
+def select_direction(
+    policy,
+    harmful: list[dict],
+    harmless: list[dict],
+    harmful_val: list[dict],
+    harmless_val: list[dict],
+    selection: SelectionConfig | None = None,
+    layer: int | None = None,
+    position: int | None = None,
+    batch_size: int = 32,
+) -> Selection:
+    """The refusal direction of ``policy``'s model now: difference in means of ``harmful`` and ``harmless`` at
+    every (position, layer), chosen by ``selection`` (default :data:`ALL_LAYERS`) on the validation prompts (no
+    refusal filtering: early in
+    training the model may refuse nothing). When no candidate passes the filters, the one with the lowest bypass
+    score is taken: the strongest single-direction ablation among them."""
+    selection = selection or ALL_LAYERS
+    candidates = mean_activations(policy, harmful, batch_size) - mean_activations(policy, harmless, batch_size)
+    candidates = _restrict(candidates, layer, position)
+    n_pos, n_layers, _ = candidates.shape
+    scores = apply_filters(
+        score_candidates(policy, candidates, harmful_val, harmless_val, batch_size), n_layers, selection
+    )
+    try:
+        best, how = select(scores, n_layers, selection), "selected"
+    except NoDirectionError:
+        finite = [s for s in scores if not math.isnan(s.bypass)]
+        if not finite:
+            raise
+        best, how = min(finite, key=lambda s: s.bypass), "lowest bypass"
+    return Selection(candidates[best.position + n_pos, best.layer].float(), best, how, scores)
+
+
 def _hash_into(h, value: Any) -> None:
     if isinstance(value, dict):
         for k in sorted(value):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import envs
 from embodied.directions import (
+    ALL_LAYERS,
     ARTIFACT_META,
     ARTIFACT_WEIGHTS,
     CandidateScore,
@@ -35,10 +36,13 @@ from embodied.directions import (
     NoDirectionError,
     PromptSets,
     SelectionConfig,
+    cache_key,
     extract_cached,
+    select_direction,
     write_json_atomic,
 )
 from embodied.loading import PolicyConfig, load_policy
+from embodied.models import weights_hash
 from embodied.prompts import EXTRACT_SEED, env_prompt_sets, file_prompt_sets
 
 
@@ -101,6 +105,53 @@ def prompt_key(cfg: PromptConfig) -> dict:
     else:
         sources = [_envs_fingerprint()]
     return {"prompts": asdict(cfg), "sources": sources}
+
+
+DIRECTIONS_CACHE = ".cache/embodied/directions"
+"""Where extracted directions are kept (shared, keyed by weights, prompts and selection)."""
+
+
+def strongest_direction(
+    policy,
+    name: str,
+    prompts: PromptConfig | None = None,
+    selection: SelectionConfig = ALL_LAYERS,
+    cache_dir: str | Path = DIRECTIONS_CACHE,
+) -> tuple[DirectionArtifact, str]:
+    """``policy``'s refusal direction as :func:`embodied.directions.extract_cached` selects it, and ``selected``;
+    when no candidate passes the filters (or nothing is refused), the candidate with the lowest bypass score on the
+    unfiltered prompts, the strongest single-direction ablation there is (what an attacker would take), and
+    ``lowest bypass``: its artifact records why in ``config["fallback"]``, and every candidate's scores. Both are
+    cached in ``cache_dir``."""
+    prompts = prompts or PromptConfig()
+    key = prompt_key(prompts)
+    try:
+        artifact, _, _ = extract_cached(
+            policy, lambda: prompt_sets(prompts), cache_dir, selection, model_name=name, prompts_key=key
+        )
+        return artifact, "selected"
+    except ValueError as e:  # NoDirectionError, or nothing left after filtering by refusal
+        reason = str(e)
+    folder = Path(cache_dir) / f"{cache_key(weights_hash(policy.model), key, selection)}-strongest"
+    if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
+        return DirectionArtifact.load(folder, policy.model), "lowest bypass"
+    sets = prompt_sets(prompts)
+    chosen = select_direction(
+        policy, sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val, selection
+    )
+    artifact = DirectionArtifact(
+        direction=chosen.vector / chosen.vector.norm(),
+        vector=chosen.vector,
+        layer=chosen.score.layer,
+        position=chosen.score.position,
+        model_name=name,
+        model_hash=weights_hash(policy.model),
+        data=sets.describe(),
+        scores=chosen.scores,
+        config={**asdict(selection), "filter_train": False, "filter_val": False, "fallback": reason[:300]},
+    )
+    artifact.save(folder)
+    return artifact, chosen.how
 
 
 def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int, int] | None, top: int) -> Table:

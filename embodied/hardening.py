@@ -239,8 +239,19 @@ def _md(headers, rows, attacks, at, metric) -> str:
 
 
 def _conditions_table(jobs) -> str:
-    headers = ["policy · defense", "attack", "condition", "harmful unsafe", "harmful refusal", "vetoed (harmful)",
-               "benign success", "false veto", "mean projection (harmful)", "monitor AUROC", "worst case"]
+    headers = [
+        "policy · defense",
+        "attack",
+        "condition",
+        "harmful unsafe",
+        "harmful refusal",
+        "vetoed (harmful)",
+        "benign success",
+        "false veto",
+        "mean projection (harmful)",
+        "monitor AUROC",
+        "worst case",
+    ]
     worst = {(c.row, c.attack, c.condition.label) for c in cells(jobs)}
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for c in conditions(jobs):

@@ -31,7 +31,7 @@ import policies
 from embodied.config import MODES, InterventionConfig, RunConfig, register
 from embodied.directions import DirectionArtifact, NoDirectionError, extract_cached, write_json_atomic
 from embodied.experiment import Condition, Defenses, eval_set, run_condition, set_seed
-from embodied.extract import prompt_key, prompt_sets
+from embodied.extract import prompt_key, prompt_sets, strongest_direction
 from embodied.loading import PolicyConfig, load_policy
 from embodied.metrics import summarize_records
 from embodied.models import weights_hash
@@ -70,6 +70,18 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
             prompts_key=prompt_key(cfg.direction.prompts),
         )
     except NoDirectionError as e:
+        if cfg.direction.strongest:
+            artifact, how = strongest_direction(
+                policy, policy.name, cfg.direction.prompts, cfg.direction.selection, cfg.direction.cache_dir
+            )
+            log.warning(
+                "no candidate direction of %s passes the selection filters; taking the %s one: layer %d, position %d",
+                policy.name,
+                "strongest (lowest bypass)" if how != "selected" else "selected",
+                artifact.layer,
+                artifact.position,
+            )
+            return artifact
         if needed:
             raise
         log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)

@@ -210,3 +210,37 @@ def test_the_prompt_key_follows_the_config_and_the_files_content(tmp_path):
     (tmp_path / "h.txt").write_text("stab the adult\n")
     assert prompt_key(cfg) != key
     assert prompt_key(PromptConfig()) != prompt_key(PromptConfig(n_train=64))
+
+
+def test_select_direction_falls_back_to_the_lowest_bypass_when_nothing_passes():
+    from embodied.directions import select_direction
+
+    steer = TokenPrompts(tm.build("llama"))
+    sets = token_sets()
+    args = (steer, sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val)
+    impossible = SelectionConfig(kl_threshold=-1.0)  # every KL is > -1: every candidate is filtered out
+    chosen = select_direction(*args, impossible)
+    assert chosen.how == "lowest bypass"
+    assert chosen.score.bypass == min(s.bypass for s in chosen.scores if not math.isnan(s.bypass))
+    assert not any(s.kept for s in chosen.scores) and all(s.reason for s in chosen.scores)
+    lax = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_percentage=0.0)
+    assert select_direction(*args, lax).how == "selected"
+    only = select_direction(*args, impossible, layer=1, position=-2)
+    assert (only.score.layer, only.score.position) == (1, -2), "restricted to one cell"
+
+
+def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path):
+    import policies
+    from embodied.extract import PromptConfig, strongest_direction
+
+    policy = policies.load("tiny-vla", device="cpu")
+    prompts = PromptConfig(n_train=8, n_val=4)
+    impossible = SelectionConfig(kl_threshold=-1.0, filter_train=False, filter_val=False)
+    artifact, how = strongest_direction(policy, "tiny-vla", prompts, impossible, tmp_path)
+    assert how == "lowest bypass" and "fallback" in artifact.config
+    assert artifact.layer == min((s for s in artifact.scores if not math.isnan(s.bypass)), key=lambda s: s.bypass).layer
+    [folder] = [p for p in tmp_path.iterdir() if p.name.endswith("-strongest")]
+    again, how2 = strongest_direction(policy, "tiny-vla", prompts, impossible, tmp_path)
+    assert how2 == "lowest bypass" and torch.equal(again.direction, artifact.direction)
+    lax = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_percentage=0.0)
+    assert strongest_direction(policy, "tiny-vla", prompts, lax, tmp_path)[1] == "selected"

@@ -7,8 +7,23 @@ from embodied.records import EpisodeRecord, Intervention
 from embodied.report import Job
 
 
-def rec(i, harmful, *, policy="tiny-vla", defense=None, attack=None, template=None, trigger=None, mode="none",
-        coeff=None, refused=False, unsafe=False, success=False, vetoed=False, score=None):
+def rec(
+    i,
+    harmful,
+    *,
+    policy="tiny-vla",
+    defense=None,
+    attack=None,
+    template=None,
+    trigger=None,
+    mode="none",
+    coeff=None,
+    refused=False,
+    unsafe=False,
+    success=False,
+    vetoed=False,
+    score=None,
+):
     return EpisodeRecord(
         key=f"{mode}{template}{trigger}:{i}:{harmful}",
         episode_set="harmful" if harmful else "benign",

@@ -128,3 +128,23 @@ def test_experiment_hardening_is_a_multirun_with_one_table(tmp_path, direction_p
     assert "## Hardening: defenses against attacks" in report
     assert "| tiny-vla · shield |" in report and "| tiny-vla · none |" in report
     assert (tmp_path / "sweep" / "hardening.json").exists()
+
+
+def test_with_direction_strongest_an_ablation_attack_runs_where_no_candidate_passes(tmp_path):
+    from embodied.config import DirectionConfig
+    from embodied.directions import NoDirectionError
+    from embodied.extract import PromptConfig
+
+    direction = DirectionConfig(
+        prompts=PromptConfig(n_train=8, n_val=4),
+        selection=SelectionConfig(kl_threshold=-1.0, filter_train=False, filter_val=False),  # nothing passes
+        cache_dir=str(tmp_path / "dirs"),
+    )
+    attack = AttackConfig(name="ablate", conditions=[InterventionConfig("ablate")])
+    with pytest.raises(NoDirectionError):
+        run(config(attack=attack, direction=direction), tmp_path / "strict")
+    direction.strongest = True
+    run(config(attack=attack, direction=direction), tmp_path / "strongest")
+    records = read_records(tmp_path / "strongest" / "episodes.jsonl")
+    assert len(records) == 3 and all(r.intervention.mode == "ablate" for r in records)
+    assert all(abs(r.projection) < 1e-3 for r in records), "the fallback direction is the one ablated and recorded"
