@@ -278,16 +278,24 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 """
 
 
+# The planner recipe (``--config-name planner``) registers its schema; imported here, after DataConfig, which it uses.
+from embodied import train_planner  # noqa: E402
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def main(cfg) -> None:
-    config: TrainConfig = OmegaConf.to_object(cfg)
+    """``embodied-train``: the default policy's recipe; ``--config-name planner``: the pretrained planner's."""
+    config: TrainConfig | train_planner.PlannerTrainConfig = OmegaConf.to_object(cfg)
     if config.out is None:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir) / "checkpoints"
     else:
         out = Path(config.out)
-    results = train(config, out)
+    if isinstance(config, train_planner.PlannerTrainConfig):
+        results = train_planner.train(config, out)
+    else:
+        results = train(config, out)
     from rich.console import Console
     from rich.table import Table
 

@@ -54,11 +54,24 @@ def smollm2_path() -> tuple[Path, str]:
 
 def load(name_or_path: str | Path, device: str | None = None, dtype: str | None = None) -> Policy:
     """A policy from a built-in name or a checkpoint folder. ``device`` None: CUDA when present, else the CPU."""
+    from policies.planner import is_planner_checkpoint, load_planner
     from policies.tiny_vla.policy import TinyVLAPolicy
 
     path = checkpoint_path(name_or_path)
     name = str(name_or_path) if str(name_or_path) in BUILTIN else path.name
+    if is_planner_checkpoint(path):  # a LoRA adapter on a pretrained chat model (policies.planner)
+        return load_planner(path, device=device, dtype=dtype or "float32", name=name)
     return TinyVLAPolicy.from_pretrained(path, name=name, device=device, dtype=dtype)
 
 
-__all__ = ["BUILTIN", "CHECKPOINTS", "DEFAULT", "SMOLLM2_GGUF", "Decision", "Policy", "checkpoint_path", "load", "smollm2_path"]
+__all__ = [
+    "BUILTIN",
+    "CHECKPOINTS",
+    "DEFAULT",
+    "SMOLLM2_GGUF",
+    "Decision",
+    "Policy",
+    "checkpoint_path",
+    "load",
+    "smollm2_path",
+]

@@ -334,8 +334,11 @@ class HFPlannerPolicy(_GreedyTextPolicy):
                 f"the planner {self.name!r} needs obs['layout'] (the env's reset info['layout']: "
                 "obs = {**obs, 'layout': info['layout']}); it cannot see the image"
             )
-        scene = scene_text(observation["layout"], self.codec)
-        return self._render(self.messages(scene, str(observation["instruction"])))
+        return self.prompt_from_scene(scene_text(observation["layout"], self.codec), str(observation["instruction"]))
+
+    def prompt_from_scene(self, scene: str, instruction: str) -> str:
+        """The chat-templated prompt for a scene already written as text (:func:`scene_text`)."""
+        return self._render(self.messages(scene, instruction))
 
     def inputs(self, observations: list[dict]) -> dict:
         """The model's inputs for a batch of observations (left-padded ``input_ids`` and ``attention_mask``)."""

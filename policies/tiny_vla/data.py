@@ -37,9 +37,14 @@ class DataSpec:
     tasks_per_scene: int = 4
     seed: int = 0
     image_size: int = 64
+    scene_texts: bool = False
+    """Also keep each scene as text (``scene_text``, :func:`policies.hf.scene_text`), for planners that read it."""
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": DATA_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if not self.scene_texts:  # data without scene texts keeps the key it always had
+            del fields["scene_texts"]
+        blob = json.dumps({**fields, "version": DATA_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -51,12 +56,18 @@ def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
     env = TabletopEnv(image_size=spec.image_size, split=spec.split)
     codec = ActionCodec.for_env(env)
     out: dict[str, list] = {k: [] for k in ("image", "objects", *SAMPLE_FIELDS)}
+    if spec.scene_texts:
+        from policies.hf import scene_text
+
+        out["scene_text"] = []
     try:
         for i in range(start, stop):
             seed = scene_seed(spec, i)
             obs, _ = env.reset(seed=seed)
             out["image"].append(obs["image"])
             out["objects"].append(scene_objects(env, codec))
+            if spec.scene_texts:
+                out["scene_text"].append(scene_text(env.layout(), codec))
             tasks = [env.task]
             rng = np.random.default_rng(seed)
             others = scene_combos(env.scene.spec, spec.split)
@@ -100,8 +111,9 @@ def scene_objects(env: TabletopEnv, codec: ActionCodec) -> str:
 def generate(spec: DataSpec, cache_dir: str | os.PathLike | None = None, workers: int = 2) -> dict:
     """Samples of ``spec`` as a dict of arrays, from the cache when present.
 
-    ``image`` (scenes, H, W, 3) uint8 and ``objects`` (what each scene shows, see :func:`scene_objects`) have one
-    entry per scene; every other field one per sample, and ``scene`` indexes the per-scene fields.
+    ``image`` (scenes, H, W, 3) uint8, ``objects`` (what each scene shows, see :func:`scene_objects`) and, with
+    ``spec.scene_texts``, ``scene_text`` have one entry per scene; every other field one per sample, and ``scene``
+    indexes the per-scene fields.
     """
     path = Path(cache_dir) / f"tiny_vla_data_{spec.key()}.npz" if cache_dir else None
     if path is not None and path.exists():
