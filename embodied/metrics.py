@@ -134,3 +134,19 @@ def summarize_records(records: list) -> dict:
             },
         }
     return out
+
+
+def targets_met(targets: dict[str, tuple[str, float]], rates: dict[str, Rate]) -> dict[str, dict]:
+    """Each target (metric -> (``>=`` or ``<=``, threshold)) whose metric has a measured rate: the target as text,
+    the measured value and whether it is met (model cards and ``eval.json``)."""
+    out = {}
+    for key, (op, threshold) in targets.items():
+        rate = rates.get(key)
+        if rate is None or not rate.n:
+            continue
+        out[key] = {
+            "target": f"{op} {threshold}",
+            "value": rate.value,
+            "met": rate.value >= threshold if op == ">=" else rate.value <= threshold,
+        }
+    return out

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 import policies
 from embodied.evaluation import EVAL_SEED, evaluate, summarize
-from embodied.metrics import Rate
+from embodied.metrics import Rate, targets_met
 from envs.tabletop import TabletopConfig
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
@@ -103,7 +103,7 @@ TARGETS = {
 EVAL_SETS = {"tiny-vla": ("benign", "harmful", "vision", "benign_blank"), "tiny-vla-base": ("benign", "harmful")}
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     log_path = out / "train_log.jsonl"
     log_file = log_path.open("w")  # closed after training; an exception closes it with the process
@@ -196,7 +196,7 @@ def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, ti
         "policy": name,
         "data_hash": digest,
         "eval": {k: v.to_dict() for k, v in rates.items()},
-        "targets": _targets(name, rates),
+        "targets": targets_met(TARGETS[name], rates),
         "timings": {**timings, "eval_s": round(time.perf_counter() - t, 1)},
         "eval_seed": cfg.eval.seed,
         "episodes_per_set": cfg.eval.episodes,
@@ -207,20 +207,6 @@ def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, ti
             f.write(json.dumps(r) + "\n")
     (path / "README.md").write_text(model_card(name, cfg, result, data, params))
     return result
-
-
-def _targets(name: str, rates) -> dict:
-    out = {}
-    for key, (op, threshold) in TARGETS[name].items():
-        if key not in rates:
-            continue
-        value = rates[key].value
-        out[key] = {
-            "target": f"{op} {threshold}",
-            "value": value,
-            "met": value >= threshold if op == ">=" else value <= threshold,
-        }
-    return out
 
 
 def _write_json(path: Path, obj) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from embodied.evaluation import EVAL_SEED, evaluate, summarize
-from embodied.metrics import Rate
-from embodied.train import DataConfig
+from embodied.metrics import Rate, targets_met
+from embodied.train import DataConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
@@ -231,9 +230,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     device = None if cfg.device == "auto" else cfg.device
     timings: dict[str, float] = {}
     log_file = (out / "train_log.jsonl").open("w")
@@ -319,7 +316,7 @@ def evaluate_checkpoint(
         "base": cfg.base,
         "data_hash": digest,
         "eval": {k: v.to_dict() for k, v in rates.items()},
-        "targets": _targets(key, rates),
+        "targets": targets_met(TARGETS[key], rates),
         "timings": {**timings, "eval_s": round(time.perf_counter() - t, 1)},
         "eval_seed": cfg.eval.seed,
         "episodes_per_set": cfg.eval.episodes,
@@ -331,20 +328,6 @@ def evaluate_checkpoint(
             f.write(json.dumps(r) + "\n")
     (path / "README.md").write_text(model_card(key, name, cfg, result, data))
     return result
-
-
-def _targets(key: str, rates: dict[str, Rate]) -> dict:
-    out = {}
-    for metric, (op, threshold) in TARGETS[key].items():
-        if metric not in rates:
-            continue
-        value = rates[metric].value
-        out[metric] = {
-            "target": f"{op} {threshold}",
-            "value": value,
-            "met": value >= threshold if op == ">=" else value <= threshold,
-        }
-    return out
 
 
 DESCRIPTIONS = {

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -61,8 +60,8 @@ from embodied.directions import (
 from embodied.evaluation import EVAL_SEED, EVAL_SETS, run_episodes, summarize
 from embodied.extract import DIRECTIONS_CACHE, PromptConfig, strongest_direction
 from embodied.interventions import ablate, basis, unit
-from embodied.metrics import Rate
-from embodied.train import DataConfig
+from embodied.metrics import Rate, targets_met
+from embodied.train import DataConfig, seed_everything
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE, TinyVLAPolicy
 from policies.tiny_vla.training import IGNORE, Examples, patch_targets, pixel_values, stage_targets, tokenize
@@ -349,12 +348,6 @@ def refat_stage(
     return refreshes
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def training_summary(path: Path) -> tuple[dict, dict]:
     """What ``train_log.jsonl`` in a checkpoint folder says about its training: (data and re-extractions,
     timings)."""
@@ -383,7 +376,7 @@ def train_refat(cfg: RefatConfig, out: Path) -> dict:
     _validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     path = Path(out) / cfg.name
     if not cfg.train:
         return evaluate_refat(path, cfg)
@@ -480,19 +473,9 @@ def physics_conditions(
 
 
 def _targets(rates: dict[str, dict[str, Rate]]) -> dict:
-    out = {}
-    for key, (op, threshold) in TARGETS.items():
-        metric, condition = key.split("@")
-        rate = rates.get(condition, {}).get(metric)
-        if rate is None or not rate.n:
-            continue
-        value = rate.value
-        out[key] = {
-            "target": f"{op} {threshold}",
-            "value": value,
-            "met": value >= threshold if op == ">=" else value <= threshold,
-        }
-    return out
+    """``TARGETS`` (``metric@condition``) against the rates of each condition."""
+    flat = {f"{metric}@{condition}": r for condition, by in rates.items() for metric, r in by.items()}
+    return targets_met(TARGETS, flat)
 
 
 def _direction_info(artifact: DirectionArtifact, how: str) -> dict:

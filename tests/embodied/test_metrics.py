@@ -78,3 +78,14 @@ def test_episode_rates_and_violation_counts_from_records():
     summary = summarize_records(records + [rec(9, True, mode="ablate")])
     assert set(summary) == {"none", "ablate"}
     assert summary["none"]["by_category"]["c_harm"]["harmful_refusal"]["k"] == 1
+
+
+def test_targets_are_judged_against_measured_rates_only():
+    from embodied.metrics import Rate, targets_met
+
+    rates = {"a": Rate(9, 10), "b": Rate(1, 10), "empty": Rate(0, 0)}
+    spec = {"a": (">=", 0.95), "b": ("<=", 0.1), "empty": (">=", 0.5), "absent": ("<=", 0.1)}
+    out = targets_met(spec, rates)
+    assert set(out) == {"a", "b"}
+    assert out["a"] == {"target": ">= 0.95", "value": 0.9, "met": False}
+    assert out["b"]["met"] is True
