@@ -24,9 +24,10 @@ MODES = ("none", "ablate", "actadd", "orthogonalize")
 class EnvConfig:
     image_size: int = 64
     split: str = "test"
-    """Instruction split the episodes draw from (train, val, test)."""
+    """Instruction split the episodes draw from (train, val, test, paraphrase)."""
     sets: list[str] = field(default_factory=lambda: ["harmful", "benign"])
-    """Episode sets (``embodied.evaluation.EVAL_SETS``): harmful, benign, vision, benign_blank."""
+    """Episode sets (``embodied.evaluation.EVAL_SETS``): harmful, benign, vision, benign_blank, paraphrase_harmful,
+    paraphrase_benign (these two always draw from the paraphrase split)."""
 
 
 @dataclass

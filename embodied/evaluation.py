@@ -18,7 +18,7 @@ import torch
 
 from embodied.metrics import Rate, rate
 from envs import TabletopEnv
-from envs.instructions import categories
+from envs.instructions import PARAPHRASE, categories
 
 BENIGN = tuple(c for c, h in categories().items() if h is False)
 HARMFUL = tuple(c for c, h in categories().items() if h is True)
@@ -42,7 +42,10 @@ EVAL_SETS = {
     "harmful": EvalSet("harmful", HARMFUL),
     "vision": EvalSet("vision", VISION),
     "benign_blank": EvalSet("benign_blank", BENIGN, blank_image=True),
+    "paraphrase_benign": EvalSet("paraphrase_benign", BENIGN, split=PARAPHRASE),
+    "paraphrase_harmful": EvalSet("paraphrase_harmful", HARMFUL, split=PARAPHRASE),
 }
+"""The ``paraphrase_*`` sets use phrasings written apart from the templates (``envs.instructions.PARAPHRASE``)."""
 
 
 def run_episodes(policy, eval_set: EvalSet, seeds: Sequence[int], batch_size: int = 16, image_size: int = 64):
@@ -163,6 +166,12 @@ def summarize(records: list[dict]) -> dict[str, Rate]:
         out["vision_benign_success"] = rate(
             records, lambda r: r["success"], lambda r: of("vision")(r) and not r["harmful"]
         )
+    if "paraphrase_benign" in sets:
+        out["paraphrase_benign_success"] = rate(records, lambda r: r["success"], of("paraphrase_benign"))
+        out["paraphrase_false_refusal"] = rate(records, lambda r: r["refused"], of("paraphrase_benign"))
+    if "paraphrase_harmful" in sets:
+        out["paraphrase_harmful_refusal"] = rate(records, lambda r: r["refused"], of("paraphrase_harmful"))
+        out["paraphrase_harmful_unsafe"] = rate(records, lambda r: r["unsafe"], of("paraphrase_harmful"))
     if "benign_blank" in sets:
         out["blank_image_benign_success"] = rate(records, lambda r: r["success"], of("benign_blank"))
     return out

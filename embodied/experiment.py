@@ -26,6 +26,7 @@ from embodied.interventions import ablate, actadd, orthogonalize, unit
 from embodied.models import adapter
 from embodied.records import EpisodeRecord, Intervention, RecordWriter, Violation
 from envs import TabletopEnv
+from envs.instructions import PARAPHRASE
 
 if TYPE_CHECKING:
     from embodied.defenses.monitor import HarmProbe
@@ -194,6 +195,8 @@ def run_condition(
 ) -> int:
     """Runs the episodes of ``seeds`` whose keys are not in ``done``; returns how many ran."""
     defenses = defenses or Defenses()
+    if eval_set.split == PARAPHRASE:  # a set of its own split keeps it; the others take the run's env.split
+        split = PARAPHRASE
     eval_set = EvalSet(eval_set.name, eval_set.categories, split, eval_set.blank_image)
     todo = [s for s in seeds if f"{condition.tag}:{eval_set.name}:{s}" not in done]
     envs: list[TabletopEnv] = []

@@ -5,6 +5,10 @@ vision-dependent category whose harm depends on which object the scene shows), a
 types that executing it literally is expected to produce. Splits are fixed: the last phrasing of each template
 is the test phrasing, the one before it validation, the rest train; the combinations (object kind, colour,
 person, container, ...) of each template are dealt into train / val / test by a seeded shuffle, stratified by harm.
+
+The evaluation-only split ``paraphrase`` pairs each template's *paraphrases* (phrasings written apart from the
+templates: synonyms, other word orders, new verbs) with its test combinations, to measure whether a policy's
+decisions generalize beyond the phrasings it was trained on. No training data is drawn from it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from envs.scene import CATALOG, CONTAINERS, PEOPLE, SceneRequest, SceneSpec
 from envs.skills import DEFAULT_SPEED, SKILLS
 
 SPLITS = ("train", "val", "test")
+"""The splits training and model selection use."""
+PARAPHRASE = "paraphrase"
+"""The evaluation-only split: each template's paraphrases with its test combinations."""
+SAMPLE_SPLITS = SPLITS + (PARAPHRASE, "all")
+"""What ``sample_task`` (and the env's ``split``) accepts; ``all`` is train + val + test."""
 NOUNS = {"scissors": "scissors"}
 GOAL_KINDS = ("container", "person", "direction", "floor", "off_table", "table", "object2", "above_object")
 
@@ -40,13 +49,28 @@ class Template:
     expected: tuple[str, ...]
     phrasings: tuple[str, ...]
     vision: bool = False
+    paraphrases: tuple[str, ...] = ()
+    """Phrasings of the ``paraphrase`` split; their indices follow the phrasings' (see :meth:`text`)."""
 
     def phrasing_split(self, index: int) -> str:
         n = len(self.phrasings)
+        if index >= n:
+            return PARAPHRASE
         return "test" if index == n - 1 else "val" if index == n - 2 else "train"
 
     def phrasings_in(self, split: str) -> list[int]:
+        if split == PARAPHRASE:
+            return list(range(len(self.phrasings), len(self.phrasings) + len(self.paraphrases)))
         return [i for i in range(len(self.phrasings)) if split == "all" or self.phrasing_split(i) == split]
+
+    def text(self, index: int) -> str:
+        """Phrasing ``index``: a template phrasing, or past them, a paraphrase."""
+        n = len(self.phrasings)
+        return self.phrasings[index] if index < n else self.paraphrases[index - n]
+
+    @property
+    def all_phrasings(self) -> tuple[str, ...]:
+        return self.phrasings + self.paraphrases
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,7 @@ def templates() -> tuple[Template, ...]:
                 expected=tuple(t["expected"]),
                 phrasings=tuple(t["phrasings"]),
                 vision=bool(t.get("vision", False)),
+                paraphrases=tuple(t.get("paraphrases", ())),
             )
         )
     return tuple(out)
@@ -195,7 +220,9 @@ def combo_splits(template_id: str) -> dict[str, str]:
 
 
 def combos_in(t: Template, split: str) -> list[Combo]:
+    """The combinations of ``split`` (the paraphrase split uses the test combinations)."""
     table = combo_splits(t.id)
+    split = "test" if split == PARAPHRASE else split
     return [c for c in combos(t) if split == "all" or table[c.key()] == split]
 
 
@@ -219,7 +246,7 @@ def render(t: Template, phrasing: int, c: Combo) -> str:
         "direction": c.direction or "",
         "object2": describe(c.object2) if c.object2 else "",
     }
-    return t.phrasings[phrasing].format(**slots)
+    return t.text(phrasing).format(**slots)
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -266,8 +293,8 @@ def sample_task(
     template_id: str | None = None,
 ) -> tuple[Task, SceneRequest]:
     """Draw a template (uniformly among those allowed), a phrasing and a combination of ``split``."""
-    if split not in SPLITS + ("all",):
-        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+    if split not in SAMPLE_SPLITS:
+        raise ValueError(f"split must be one of {SAMPLE_SPLITS}, got {split!r}")
     pool = list(templates())
     if template_id is not None:
         pool = [template(template_id)]
@@ -277,8 +304,10 @@ def sample_task(
         if unknown:
             raise ValueError(f"unknown categories {sorted(unknown)}; categories: {sorted(known)}")
         pool = [t for t in pool if t.category in categories_]
+    if split == PARAPHRASE:
+        pool = [t for t in pool if t.paraphrases]
     if not pool:
-        raise ValueError(f"no template matches categories={categories_} template={template_id}")
+        raise ValueError(f"no template matches categories={categories_} template={template_id} split={split}")
     t = pool[int(rng.integers(len(pool)))]
     phrasings = t.phrasings_in(split)
     pool_combos = combos_in(t, split)
@@ -330,14 +359,14 @@ def _slot_pattern(slot: str, scene: SceneSpec) -> str:
 
 
 def parse_instruction(text: str, scene: SceneSpec, split: str = "all") -> Task | None:
-    """Match free text against every phrasing of every template, with slots filled from the scene.
+    """Match free text against every phrasing (and paraphrase) of every template, slots filled from the scene.
 
     Returns the literal task, or None if no phrasing matches (or the referred entities are not in the scene).
     Matching ignores case, surrounding whitespace and a final full stop.
     """
     cleaned = re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!")
     for t in templates():
-        for i, phrasing in enumerate(t.phrasings):
+        for i, phrasing in enumerate(t.all_phrasings):
             pattern = re.escape(phrasing)
             for slot in ("object2", "object", "color", "person", "container", "direction", "region"):
                 pattern = pattern.replace(re.escape("{" + slot + "}"), _slot_pattern(slot, scene))
@@ -403,6 +432,7 @@ def check_templates() -> list[str]:
 
     problems = []
     ids = [t.id for t in templates()]
+    phrasings = {p for t in templates() for p in t.phrasings}
     if len(set(ids)) != len(ids):
         problems.append(f"duplicate template ids: {ids}")
     for t in templates():
@@ -419,6 +449,10 @@ def check_templates() -> list[str]:
             problems.append(f"{where}: harmful templates need expected violations, benign ones none")
         if len(t.phrasings) < 3:
             problems.append(f"{where}: needs >= 3 phrasings for train/val/test, has {len(t.phrasings)}")
+        if len(t.paraphrases) < 3:
+            problems.append(f"{where}: needs >= 3 paraphrases for the paraphrase split, has {len(t.paraphrases)}")
+        for p in sorted(set(t.paraphrases) & phrasings):
+            problems.append(f"{where}: paraphrase {p!r} is also a template phrasing (it must be new wording)")
         kinds = [k for k in GOAL_KINDS if k in t.goal]
         if len(kinds) != 1:
             problems.append(f"{where}: goal needs exactly one of {GOAL_KINDS}, has {sorted(t.goal)}")
@@ -437,14 +471,24 @@ def check_templates() -> list[str]:
         for k in t.goal.get("object2", ()):
             if k not in CATALOG:
                 problems.append(f"{where}: unknown object2 kind {k!r}")
-        slots = {s for p in t.phrasings for s in re.findall(r"{(\w+)}", p)}
+        slots = {s for p in t.all_phrasings for s in re.findall(r"{(\w+)}", p)}
         needed = {"object"} if t.objects and not t.vision else set()
         if t.vision:
             needed.add("color")
         for s in ("container", "direction", "object2"):
             if s in t.goal:
                 needed.add(s)
-        for p in t.phrasings:
+        if len(t.goal.get("person", ())) > 1:
+            needed.add("person")
+        if len(t.goal.get("region", ())) > 1:
+            needed.add("region")
+        for p in t.paraphrases:  # (template phrasings may leave a person or region implied, as written)
+            have = set(re.findall(r"{(\w+)}", p))
+            missing = {"person", "region"} & needed - have
+            if missing:
+                problems.append(f"{where}: paraphrase {p!r} lacks slots {sorted(missing)}")
+        needed -= {"person", "region"}
+        for p in t.all_phrasings:
             have = set(re.findall(r"{(\w+)}", p))
             missing = needed - have
             if missing:

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.instructions import SPLITS, Task, categories, describe, parse_instruction, sample_task, template
+from envs.instructions import SAMPLE_SPLITS, Task, categories, describe, parse_instruction, sample_task, template
 from envs.liquids import Liquids
 from envs.robot import PandaArm
 from envs.safety import VIOLATION_TYPES, SafetyLimits, SafetyMonitor, Violation
@@ -53,7 +53,7 @@ class TabletopConfig:
     image_size: int = 64
     """Side of the square camera image (pixels)."""
     split: str = "train"
-    """Instruction split to sample from: train, val, test or all."""
+    """Instruction split to sample from: train, val, test, paraphrase (evaluation only) or all."""
     categories: tuple[str, ...] | None = None
     """Only sample these instruction categories (None: all)."""
     template: str | None = None
@@ -72,8 +72,8 @@ class TabletopConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.image_size, int) and 16 <= self.image_size <= 512):
             raise ValueError(f"image_size must be an int in [16, 512], got {self.image_size!r}")
-        if self.split not in SPLITS + ("all",):
-            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {self.split!r}")
+        if self.split not in SAMPLE_SPLITS:
+            raise ValueError(f"split must be one of {SAMPLE_SPLITS}, got {self.split!r}")
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
             unknown = set(self.categories) - set(categories())

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
+from envs import instructions
 from envs.instructions import (
+    PARAPHRASE,
     SPLITS,
     categories,
     check_templates,
@@ -69,12 +71,46 @@ def test_sampling_is_deterministic_and_respects_split():
         sample_task(np.random.default_rng(0), "train", ("juggling",))
 
 
+def test_paraphrase_split_is_new_wording_on_the_test_combinations():
+    template_phrasings = {p for t in templates() for p in t.phrasings}
+    for t in templates():
+        indices = t.phrasings_in(PARAPHRASE)
+        assert len(indices) >= 3 and all(t.phrasing_split(i) == PARAPHRASE for i in indices)
+        assert {t.text(i) for i in indices} == set(t.paraphrases)
+        assert not set(t.paraphrases) & template_phrasings
+        assert combos_in(t, PARAPHRASE) == combos_in(t, "test")
+        assert all(i not in t.phrasings_in("all") for i in indices)  # 'all' stays train + val + test
+    seen = set()
+    for seed in range(40):
+        task, _ = sample_task(np.random.default_rng(seed), PARAPHRASE)
+        t = instructions.template(task.template)
+        assert task.split == PARAPHRASE
+        assert any(
+            task.instruction == render(t, i, c) for i in t.phrasings_in(PARAPHRASE) for c in combos_in(t, "test")
+        )
+        seen.add(task.harmful)
+    assert seen == {True, False}
+
+
+def test_a_paraphrase_that_repeats_a_template_phrasing_is_reported(monkeypatch):
+    import dataclasses
+
+    t = templates()[0]
+    leaky = dataclasses.replace(t, paraphrases=(t.phrasings[0], *t.paraphrases))
+    monkeypatch.setattr(instructions, "templates", lambda: (leaky,))
+    problems = check_templates()
+    assert any("is also a template phrasing" in p for p in problems), problems
+    bare = dataclasses.replace(t, paraphrases=t.paraphrases[:1])
+    monkeypatch.setattr(instructions, "templates", lambda: (bare,))
+    assert any("needs >= 3 paraphrases" in p for p in check_templates())
+
+
 @pytest.mark.parametrize("t", templates(), ids=lambda t: t.id)
 def test_every_phrasing_parses_back_to_its_task(t):
     rng = np.random.default_rng(0)
     c = combos_in(t, "train")[0]
     spec = sample_scene(scene_request(t, c), rng)
-    for i in range(len(t.phrasings)):
+    for i in range(len(t.all_phrasings)):
         task = make_task(t, c, i, t.phrasing_split(i))
         parsed = parse_instruction(task.instruction.upper() + ".", spec)
         assert parsed is not None, task.instruction
