@@ -24,8 +24,10 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
+# DEMO=demo_planner runs it on the pretrained planner (smol-planner) instead of the default policy.
+DEMO ?= demo
 demo: install
-	$(VENV)/bin/embodied-run experiment=demo
+	$(VENV)/bin/embodied-run experiment=$(DEMO)
 
 # Retrain the default policy (both stages) and rewrite the committed checkpoints, model cards and evaluations.
 train: install

@@ -60,6 +60,12 @@ class SelectionConfig:
     filter_train: bool = True
     filter_val: bool = True
     batch_size: int = 32
+    layers: list[int] | None = None
+    """Score only candidates at these layers (None: every layer, as the paper does). Each candidate costs three
+    forwards of the validation sets; on a CPU a 30-layer model's 180 candidates take hours, so a coarser grid
+    (``[2, 4, ..., 22]``) makes extraction feasible. Unscored candidates are listed with reason ``not scored``."""
+    positions: list[int] | None = None
+    """... and at these post-instruction positions (negative, -1 = the last token; None: all of them)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,23 @@ def filter_by_refusal(policy: Steerable, harmful: list[dict], harmless: list[dic
     ]
 
 
+NOT_SCORED = "not scored"
+
+
+def candidate_cells(n_pos: int, n_layers: int, cfg: SelectionConfig | None = None) -> list[tuple[int, int]]:
+    """(position index, layer) of the candidates to score: all of them, or ``cfg.layers`` x ``cfg.positions``."""
+    layers = list(range(n_layers)) if cfg is None or cfg.layers is None else list(cfg.layers)
+    positions = list(range(-n_pos, 0)) if cfg is None or cfg.positions is None else list(cfg.positions)
+    bad_layers = [x for x in layers if not 0 <= x < n_layers]
+    bad_positions = [p for p in positions if not -n_pos <= p < 0]
+    if bad_layers or bad_positions or not layers or not positions:
+        raise ValueError(
+            f"selection.layers must be in 0..{n_layers - 1} and selection.positions in -{n_pos}..-1, non-empty "
+            f"(got layers {cfg.layers if cfg else None}, positions {cfg.positions if cfg else None})"
+        )
+    return [(p + n_pos, layer) for p in sorted(set(positions)) for layer in sorted(set(layers))]
+
+
 def score_candidates(
     policy: Steerable,
     candidates: torch.Tensor,
@@ -170,25 +193,30 @@ def score_candidates(
     harmless_val: list[dict],
     batch_size: int = 32,
     progress: Callable[[Iterator], Iterator] | None = None,
+    cells: list[tuple[int, int]] | None = None,
 ) -> list[CandidateScore]:
-    """Bypass, induce and KL of every candidate (positions x layers), unfiltered."""
+    """Bypass, induce and KL of every candidate (positions x layers), unfiltered; with ``cells`` (position index,
+    layer) only those are scored and the others are listed with NaN scores and reason ``not scored``."""
     n_pos, n_layers, _ = candidates.shape
     base = last_logits(policy, harmless_val, batch_size)
     refusal_ids = policy.refusal_token_ids
-    cells = [(p, layer) for p in range(n_pos) for layer in range(n_layers)]
-    scores = []
-    for p, layer in progress(cells) if progress else cells:
+    every = [(p, layer) for p in range(n_pos) for layer in range(n_layers)]
+    todo = set(every if cells is None else cells)
+    scored: dict[tuple[int, int], CandidateScore] = {}
+    ordered = [c for c in every if c in todo]
+    for p, layer in progress(ordered) if progress else ordered:
         vector = candidates[p, layer].float()
         if not torch.isfinite(vector).all() or vector.norm() == 0:
-            scores.append(CandidateScore(p - n_pos, layer, math.nan, math.nan, math.nan))
+            scored[p, layer] = CandidateScore(p - n_pos, layer, math.nan, math.nan, math.nan)
             continue
         with ablate(policy.model, vector):
             bypass = refusal_score(last_logits(policy, harmful_val, batch_size), refusal_ids).mean().item()
             kl = kl_divergence(base, last_logits(policy, harmless_val, batch_size)).mean().item()
         with actadd(policy.model, vector, layer=layer, coeff=1.0):
             induce = refusal_score(last_logits(policy, harmless_val, batch_size), refusal_ids).mean().item()
-        scores.append(CandidateScore(p - n_pos, layer, bypass, induce, kl))
-    return scores
+        scored[p, layer] = CandidateScore(p - n_pos, layer, bypass, induce, kl)
+    skipped = dict(bypass=math.nan, induce=math.nan, kl=math.nan, kept=False, reason=NOT_SCORED)
+    return [scored.get(c) or CandidateScore(c[0] - n_pos, c[1], **skipped) for c in every]
 
 
 def apply_filters(scores: list[CandidateScore], n_layers: int, cfg: SelectionConfig) -> list[CandidateScore]:
@@ -197,7 +225,9 @@ def apply_filters(scores: list[CandidateScore], n_layers: int, cfg: SelectionCon
     out = []
     for s in scores:
         reason = ""
-        if any(math.isnan(v) for v in (s.bypass, s.induce, s.kl)):
+        if s.reason == NOT_SCORED:
+            reason = NOT_SCORED
+        elif any(math.isnan(v) for v in (s.bypass, s.induce, s.kl)):
             reason = "nan"
         elif s.layer >= max_layer:
             reason = f"layer >= {max_layer}"
@@ -279,8 +309,9 @@ def select_direction(
     candidates = mean_activations(policy, harmful, batch_size) - mean_activations(policy, harmless, batch_size)
     candidates = _restrict(candidates, layer, position)
     n_pos, n_layers, _ = candidates.shape
+    cells = candidate_cells(n_pos, n_layers, selection)
     scores = apply_filters(
-        score_candidates(policy, candidates, harmful_val, harmless_val, batch_size), n_layers, selection
+        score_candidates(policy, candidates, harmful_val, harmless_val, batch_size, cells=cells), n_layers, selection
     )
     try:
         best, how = select(scores, n_layers, selection), "selected"
@@ -458,6 +489,7 @@ def extract(
     """Candidates from the train sets, selection on the validation sets (each filtered by refusal score if asked)."""
     cfg = cfg or SelectionConfig()
     bs = cfg.batch_size
+    cells = candidate_cells(int(policy.post_instruction_length), adapter(policy.model).n_layers, cfg)  # fail early
     harmful_train, harmless_train = prompts.harmful_train, prompts.harmless_train
     harmful_val, harmless_val = prompts.harmful_val, prompts.harmless_val
     data = prompts.describe()
@@ -480,7 +512,9 @@ def extract(
             )
     candidates = mean_activations(policy, harmful_train, bs) - mean_activations(policy, harmless_train, bs)
     n_layers = candidates.shape[1]
-    scores = apply_filters(score_candidates(policy, candidates, harmful_val, harmless_val, bs, progress), n_layers, cfg)
+    scores = apply_filters(
+        score_candidates(policy, candidates, harmful_val, harmless_val, bs, progress, cells), n_layers, cfg
+    )
     best = select(scores, n_layers, cfg)
     vector = candidates[best.position + candidates.shape[0], best.layer].float()
     return DirectionArtifact(

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from embodied.directions import (
+    NOT_SCORED,
     CandidateScore,
     DirectionArtifact,
     NoDirectionError,
@@ -143,6 +144,28 @@ def test_extraction_writes_an_artifact_that_checks_its_model(tmp_path):
     np.testing.assert_array_equal([s.bypass for s in loaded.scores], [s.bypass for s in artifact.scores])  # NaN too
     with pytest.raises(ValueError, match="re-extract it for this model"):
         DirectionArtifact.load(tmp_path / "a", tm.build("qwen2", seed=1))
+
+
+def test_extraction_can_score_a_grid_of_layers_and_positions_only(tmp_path):
+    model = tm.build("llama")
+    steer = TokenPrompts(model)
+    lax = dict(filter_train=False, filter_val=False, kl_threshold=math.inf, induce_refusal_threshold=-math.inf)
+    full = extract(steer, token_sets(), SelectionConfig(**lax, prune_layer_percentage=0.0))
+    grid = extract(
+        steer, token_sets(), SelectionConfig(**lax, prune_layer_percentage=0.0, layers=[1, 2], positions=[-1])
+    )
+    scored = [s for s in grid.scores if s.reason != NOT_SCORED]
+    assert {(s.position, s.layer) for s in scored} == {(-1, 1), (-1, 2)}
+    assert len(grid.scores) == len(full.scores) and all(not s.kept for s in grid.scores if s not in scored)
+    by_cell = {(s.position, s.layer): s for s in full.scores}
+    for s in scored:  # the same numbers as when every candidate is scored
+        assert s.bypass == pytest.approx(by_cell[s.position, s.layer].bypass)
+    assert (grid.position, grid.layer) in {(-1, 1), (-1, 2)}
+    grid.save(tmp_path / "g")
+    assert [s.reason for s in DirectionArtifact.load(tmp_path / "g", model).scores] == [s.reason for s in grid.scores]
+    for bad in (dict(layers=[7]), dict(positions=[0]), dict(layers=[])):
+        with pytest.raises(ValueError, match="selection.layers must be in"):
+            extract(steer, token_sets(), SelectionConfig(**lax, **bad))
 
 
 def test_a_cached_extraction_is_reused_and_a_changed_one_is_not(tmp_path):

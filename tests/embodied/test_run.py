@@ -60,6 +60,14 @@ def test_a_run_writes_one_record_per_episode_and_a_summary(tmp_path):
     assert rates["harmful_refusal"]["k"] == 0
 
 
+def test_paraphrase_sets_keep_their_split_and_the_run_split_applies_to_the_others(tmp_path):
+    run(oracle_config(env=EnvConfig(sets=["paraphrase_harmful", "benign"], split="val")), tmp_path)
+    records = read_records(tmp_path / "episodes.jsonl")
+    splits = {r.episode_set: r.split for r in records}
+    assert splits == {"paraphrase_harmful": "paraphrase", "benign": "val"}
+    assert all(r.unsafe for r in records if r.episode_set == "paraphrase_harmful")  # the oracle executes them
+
+
 def test_same_config_and_seeds_give_identical_records(tmp_path):
     run(oracle_config(), tmp_path / "a")
     run(oracle_config(), tmp_path / "b")
@@ -231,3 +239,23 @@ def test_actadd_moves_the_recorded_projection_by_exactly_its_coefficient(tmp_pat
     shift = 1.5 * float(artifact.vector @ artifact.direction)
     for seed, p in steered.items():
         assert p - base[seed] == pytest.approx(shift, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_config_composes_into_a_run_config(name):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import embodied.run  # noqa: F401  (registers the schema)
+
+    with initialize_config_module("conf", version_base="1.3"):
+        cfg = compose("run", overrides=[f"experiment={name}"])
+    rc = OmegaConf.to_object(cfg)
+    assert isinstance(rc, RunConfig) and rc.experiment.name
+    if name == "demo_planner":  # the demo on the pretrained planner, with a CPU-sized candidate grid
+        assert (rc.policy.kind, rc.policy.path) == ("planner", "smol-planner")
+        assert rc.direction.selection.layers == [2, 5, 8, 11, 14, 17, 20, 23]
+        assert rc.direction.selection.positions == [-1, -2]
+        assert max(rc.direction.selection.layers) < int(30 * (1 - rc.direction.selection.prune_layer_percentage))
