@@ -132,6 +132,18 @@ def mean_activations(policy: Steerable, observations: Sequence[dict], batch_size
     return mean
 
 
+def candidate_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two models' candidate directions cell by cell: (positions, layers, d_model) twice ->
+    (positions, layers), NaN where either candidate is zero (e.g. at the embedding, where post-instruction tokens
+    are the same in every prompt)."""
+    if a.shape != b.shape:
+        raise ValueError(f"candidates differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} (same architecture?)")
+    a, b = a.double(), b.double()
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    cos = (a * b).sum(dim=-1) / norms
+    return torch.where(norms > 0, cos, torch.full_like(cos, math.nan))
+
+
 def refusal_score(logits: torch.Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> torch.Tensor:
     """Log-odds that the next token starts a refusal: log p(refusal tokens) - log(1 - p(refusal tokens))."""
     probs = torch.softmax(logits.double(), dim=-1)

@@ -13,6 +13,7 @@ Prints the chosen (position, layer) and the best candidates.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ from embodied.directions import (
     PromptSets,
     SelectionConfig,
     cache_key,
+    candidate_cosines,
     extract_cached,
+    mean_activations,
     select_direction,
     write_json_atomic,
 )
@@ -69,6 +72,10 @@ class ExtractConfig:
     cache_dir: str = ".cache/embodied/directions"
     top: int = 10
     """How many candidates the printed table shows."""
+    compare_with: str | None = None
+    """Another checkpoint of the same kind and architecture (e.g. the policy before safety tuning,
+    ``smol-planner-base``): its difference in means on the same train prompts (unfiltered, for both models) is
+    compared with this policy's, layer by layer at the chosen position; written to ``comparison.json``."""
     threads: int | None = None
     progress: bool = True
 
@@ -201,7 +208,63 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
         f"chosen: position {artifact.position}, layer {artifact.layer} (bypass {c.bypass:.3f}, induce {c.induce:.3f},"
         f" KL {c.kl:.4f}){' [from cache]' if cached else ''} -> {out}"
     )
+    if cfg.compare_with:
+        other = load_policy(PolicyConfig(**{**asdict(cfg.policy), "path": cfg.compare_with, "name": None}))
+        result = compare_directions(policy, other, artifact, prompt_sets(cfg.prompts), cfg.selection.batch_size)
+        result = {"policy": name, "other": cfg.compare_with, **result}
+        write_json_atomic(out / "comparison.json", result)
+        console.print(comparison_table(result, name, cfg.compare_with))
+        console.print(f"cosine at the chosen candidate: {result['cosine']} -> {out / 'comparison.json'}")
     return artifact
+
+
+def compare_directions(policy, other, artifact: DirectionArtifact, sets: PromptSets, batch_size: int = 32) -> dict:
+    """How ``other``'s candidate directions relate to ``policy``'s on the same (unfiltered) train prompts: the
+    cosine at the artifact's cell, per layer at its position, and the norms there. The question it answers for a
+    base and its safety-tuned twin: did safety tuning write a new direction, or reuse one the base already had?"""
+
+    def candidates(p):
+        return mean_activations(p, sets.harmful_train, batch_size) - mean_activations(
+            p, sets.harmless_train, batch_size
+        )
+
+    mine, theirs = candidates(policy), candidates(other)
+    cos = candidate_cosines(mine, theirs)
+    n_pos = mine.shape[0]
+    row = artifact.position + n_pos
+
+    def num(x: torch.Tensor) -> float | None:
+        v = float(x)
+        return None if math.isnan(v) else round(v, 4)
+
+    return {
+        "position": artifact.position,
+        "layer": artifact.layer,
+        "cosine": num(cos[row, artifact.layer]),
+        "norm": num(mine[row, artifact.layer].norm()),
+        "other_norm": num(theirs[row, artifact.layer].norm()),
+        "per_layer": [
+            {
+                "layer": layer,
+                "cosine": num(cos[row, layer]),
+                "norm": num(mine[row, layer].norm()),
+                "other_norm": num(theirs[row, layer].norm()),
+            }
+            for layer in range(mine.shape[1])
+        ],
+        "prompts": {k: v["size"] for k, v in sets.describe().items() if k.endswith("_train")},
+    }
+
+
+def comparison_table(result: dict, name: str, other: str) -> Table:
+    table = Table(title=f"difference in means of {name} vs {other} at position {result['position']}")
+    for col in ("layer", "cosine", f"|{name}|", f"|{other}|"):
+        table.add_column(col, justify="right")
+    for r in result["per_layer"]:
+        mark = " <- chosen" if r["layer"] == result["layer"] else ""
+        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("cosine", "norm", "other_norm")]
+        table.add_row(f"{r['layer']}{mark}", *cells)
+    return table
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")

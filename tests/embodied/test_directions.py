@@ -267,3 +267,46 @@ def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path):
     assert how2 == "lowest bypass" and torch.equal(again.direction, artifact.direction)
     lax = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_percentage=0.0)
     assert strongest_direction(policy, "tiny-vla", prompts, lax, tmp_path)[1] == "selected"
+
+
+def test_candidate_cosines_are_one_for_the_same_model_and_nan_where_a_candidate_is_zero():
+    from embodied.directions import candidate_cosines
+
+    a = torch.randn(2, 3, 8, dtype=torch.float64)
+    a[:, 0] = 0
+    cos = candidate_cosines(a, 3 * a)
+    assert torch.isnan(cos[:, 0]).all() and torch.allclose(cos[:, 1:], torch.ones(2, 2, dtype=torch.float64))
+    assert torch.allclose(candidate_cosines(a[:, 1:], -a[:, 1:]), -torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="differ in shape"):
+        candidate_cosines(a, a[:, :2])
+
+
+def test_extract_compares_the_direction_with_the_checkpoint_before_safety_tuning(tmp_path):
+    import json
+
+    from embodied.extract import ExtractConfig, PromptConfig
+    from embodied.extract import run as extract_run
+    from embodied.loading import PolicyConfig
+
+    lax = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_percentage=0.0)
+    cfg = ExtractConfig(
+        policy=PolicyConfig(kind="tiny_vla", path="tiny-vla", device="cpu"),
+        prompts=PromptConfig(n_train=8, n_val=4),
+        selection=lax,
+        cache_dir=str(tmp_path / "cache"),
+        compare_with="tiny-vla-base",
+        progress=False,
+    )
+    artifact = extract_run(cfg, tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert (result["position"], result["layer"], result["other"]) == (
+        artifact.position,
+        artifact.layer,
+        "tiny-vla-base",
+    )
+    assert len(result["per_layer"]) == 6 and result["per_layer"][0]["cosine"] is None  # the embedding: no difference
+    assert -1.0 <= result["cosine"] <= 1.0 and result["norm"] > 0 and result["other_norm"] > 0
+    assert result["prompts"] == {"harmful_train": 8, "harmless_train": 8}
+    same = ExtractConfig(**{**cfg.__dict__, "compare_with": "tiny-vla"})
+    extract_run(same, tmp_path / "same")
+    assert json.loads((tmp_path / "same" / "comparison.json").read_text())["cosine"] == pytest.approx(1.0)
