@@ -72,6 +72,9 @@ class ExtractConfig:
     cache_dir: str = ".cache/embodied/directions"
     top: int = 10
     """How many candidates the printed table shows."""
+    strongest: bool = False
+    """When no candidate passes the filters, take the one with the lowest bypass score on the unfiltered prompts
+    (:func:`strongest_direction`, as ``direction.strongest`` does for runs) instead of failing."""
     compare_with: str | None = None
     """Another checkpoint of the same kind and architecture (e.g. the policy before safety tuning,
     ``smol-planner-base``): its difference in means on the same train prompts (unfiltered, for both models) is
@@ -175,7 +178,9 @@ def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int
 
 def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     """Extracts (or takes from the cache) and copies the artifact to ``out``. When no candidate survives the
-    filters, writes every candidate's scores to ``out/candidates.json`` and raises :class:`NoDirectionError`."""
+    filters, writes every candidate's scores to ``out/candidates.json`` and raises :class:`NoDirectionError`, or
+    with ``strongest`` takes the lowest-bypass candidate instead. With ``compare_with``, also compares the
+    direction with that checkpoint's (``comparison.json``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.policy)
@@ -183,6 +188,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     progress = (lambda it: tqdm(it, desc="candidates", dynamic_ncols=True)) if cfg.progress else None
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
+    how = "selected"
     try:
         artifact, folder, cached = extract_cached(
             policy,
@@ -193,15 +199,18 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
             progress=progress,
             prompts_key=prompt_key(cfg.prompts),
         )
-    except NoDirectionError as e:
-        write_json_atomic(out / "candidates.json", {"model_name": name, "scores": [asdict(s) for s in e.scores]})
-        console.print(candidates_table(e.scores, f"refusal direction candidates of {name}: none kept", None, cfg.top))
-        raise
+    except (NoDirectionError, ValueError) as e:
+        if not cfg.strongest:
+            _report_failure(e, out, name, console, cfg.top)
+            raise
+        artifact, how = strongest_direction(policy, name, cfg.prompts, cfg.selection, cfg.cache_dir)
+        folder, cached = out, False
+        artifact.save(out)
     if folder.resolve() != out.resolve():
         for f in (ARTIFACT_WEIGHTS, ARTIFACT_META):
             shutil.copyfile(folder / f, out / f)
     chosen = (artifact.position, artifact.layer)
-    title = f"refusal direction candidates of {name} (kept first, lowest bypass first)"
+    title = f"refusal direction candidates of {name} (kept first, lowest bypass first; {how})"
     console.print(candidates_table(artifact.scores, title, chosen, cfg.top))
     c = artifact.chosen
     console.print(
@@ -216,6 +225,12 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
         console.print(comparison_table(result, name, cfg.compare_with))
         console.print(f"cosine at the chosen candidate: {result['cosine']} -> {out / 'comparison.json'}")
     return artifact
+
+
+def _report_failure(e: Exception, out: Path, name: str, console: Console, top: int) -> None:
+    if isinstance(e, NoDirectionError):
+        write_json_atomic(out / "candidates.json", {"model_name": name, "scores": [asdict(s) for s in e.scores]})
+        console.print(candidates_table(e.scores, f"refusal direction candidates of {name}: none kept", None, top))
 
 
 def compare_directions(policy, other, artifact: DirectionArtifact, sets: PromptSets, batch_size: int = 32) -> dict:

@@ -310,3 +310,30 @@ def test_extract_compares_the_direction_with_the_checkpoint_before_safety_tuning
     same = ExtractConfig(**{**cfg.__dict__, "compare_with": "tiny-vla"})
     extract_run(same, tmp_path / "same")
     assert json.loads((tmp_path / "same" / "comparison.json").read_text())["cosine"] == pytest.approx(1.0)
+
+
+def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_path):
+    from embodied.extract import ExtractConfig, PromptConfig
+    from embodied.extract import run as extract_run
+    from embodied.loading import PolicyConfig
+
+    cfg = ExtractConfig(
+        policy=PolicyConfig(kind="tiny_vla", path="tiny-vla", device="cpu"),
+        prompts=PromptConfig(n_train=8, n_val=4),
+        selection=SelectionConfig(kl_threshold=-1.0),  # nothing passes
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    with pytest.raises(NoDirectionError):
+        extract_run(cfg, tmp_path / "strict")
+    assert (tmp_path / "strict" / "candidates.json").exists()
+    artifact = extract_run(ExtractConfig(**{**cfg.__dict__, "strongest": True}), tmp_path / "out")
+    finite = [s for s in artifact.scores if not math.isnan(s.bypass)]
+    assert artifact.chosen.bypass == min(s.bypass for s in finite) and "fallback" in artifact.config
+    assert DirectionArtifact.load(tmp_path / "out", policies_model(cfg)).layer == artifact.layer
+
+
+def policies_model(cfg):
+    import policies
+
+    return policies.load(cfg.policy.path, device="cpu").model

@@ -258,4 +258,5 @@ def test_every_experiment_config_composes_into_a_run_config(name):
         assert (rc.policy.kind, rc.policy.path) == ("planner", "smol-planner")
         assert rc.direction.selection.layers == [2, 5, 8, 11, 14, 17, 20, 23]
         assert rc.direction.selection.positions == [-1, -2]
+        assert rc.direction.strongest  # no candidate passes the paper's filters on smol-planner
         assert max(rc.direction.selection.layers) < int(30 * (1 - rc.direction.selection.prune_layer_percentage))
