@@ -59,6 +59,10 @@ class DirectionConfig:
     """When no candidate passes the selection filters, take the one with the lowest bypass score (the strongest
     single-direction ablation there is, what an attacker would take; :func:`embodied.extract.strongest_direction`)
     instead of failing. Hardening experiments set it: a defended policy may have no direction that passes."""
+    project: bool = True
+    """When no condition steers, still extract (or take from the cache) the direction so that records hold each
+    episode's projection onto it. Extraction scores every candidate: seconds on tiny-vla, hours on a 30-layer model
+    on a CPU, so ``false`` skips it for such policies (records then have no projection)."""
     cache_dir: str = ".cache/embodied/directions"
     """Relative paths are resolved against the directory the command was started from."""
 

@@ -60,6 +60,8 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
         if needed:
             raise ValueError(f"policy {policy.name} has no residual stream to steer (kind {cfg.policy.kind})")
         return None
+    if not needed and not cfg.direction.project:
+        return None
     try:
         artifact, folder, cached = extract_cached(
             policy,

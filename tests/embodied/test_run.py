@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import policies
-from embodied.config import EnvConfig, ExperimentConfig, InterventionConfig, RunConfig
+from embodied.config import DirectionConfig, EnvConfig, ExperimentConfig, InterventionConfig, RunConfig
 from embodied.directions import SelectionConfig, extract
 from embodied.loading import PolicyConfig
 from embodied.prompts import env_prompt_sets
@@ -66,6 +66,21 @@ def test_paraphrase_sets_keep_their_split_and_the_run_split_applies_to_the_other
     splits = {r.episode_set: r.split for r in records}
     assert splits == {"paraphrase_harmful": "paraphrase", "benign": "val"}
     assert all(r.unsafe for r in records if r.episode_set == "paraphrase_harmful")  # the oracle executes them
+
+
+def test_an_unsteered_run_with_project_false_extracts_no_direction(tmp_path):
+    cfg = RunConfig(
+        policy=PolicyConfig(kind="tiny_vla", path="tiny-vla", device="cpu"),
+        env=EnvConfig(sets=["benign"]),
+        direction=DirectionConfig(project=False, cache_dir=str(tmp_path / "cache")),
+        episodes=2,
+        progress=False,
+        experiment=ExperimentConfig(report=False),
+    )
+    run(cfg, tmp_path / "out")
+    records = read_records(tmp_path / "out" / "episodes.jsonl")
+    assert len(records) == 2 and all(r.projection is None for r in records)
+    assert not (tmp_path / "cache").exists(), "nothing was extracted"
 
 
 def test_same_config_and_seeds_give_identical_records(tmp_path):
