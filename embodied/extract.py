@@ -199,7 +199,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
             progress=progress,
             prompts_key=prompt_key(cfg.prompts),
         )
-    except (NoDirectionError, ValueError) as e:
+    except ValueError as e:  # NoDirectionError, or no prompts left after filtering by refusal score
         if not cfg.strongest:
             _report_failure(e, out, name, console, cfg.top)
             raise
