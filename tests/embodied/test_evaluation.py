@@ -5,7 +5,7 @@ import functools
 import pytest
 
 from embodied.evaluation import EVAL_SETS, evaluate, run_episodes, summarize
-from envs.instructions import template, templates
+from envs.instructions import template
 from envs.tabletop import TabletopConfig
 from policies.base import Decision
 from policies.codec import ActionCodec
@@ -62,22 +62,17 @@ def test_paraphrase_sets_draw_the_paraphrase_split_and_have_their_rates():
     records += run_episodes(policy, EVAL_SETS["paraphrase_benign"], seeds=[9], batch_size=1)
     assert [r["set"] for r in records] == ["paraphrase_harmful"] * 2 + ["paraphrase_benign"]
     assert [r["harmful"] for r in records] == [True, True, False]
-    paraphrases = {p for t in templates() for p in t.paraphrases}
-    assert all(r["template"] and _rendered_from(r, paraphrases) for r in records)
+    assert all(_rendered_from_a_paraphrase(r) for r in records)
     rates = summarize(records)
     assert rates["paraphrase_harmful_refusal"].k == 2 and rates["paraphrase_false_refusal"].k == 1
 
 
-def _rendered_from(record, paraphrases) -> bool:
+def _rendered_from_a_paraphrase(record) -> bool:
     """Whether the record's instruction is one of its template's paraphrases with the slots filled."""
     import re
 
-    t = template(record["template"])
-    for p in t.paraphrases:
-        pattern = re.sub(r"\\{\w+\\}", ".+", re.escape(p))
-        if re.fullmatch(pattern, record["instruction"]):
-            return p in paraphrases
-    return False
+    patterns = [re.sub(r"\\{\w+\\}", ".+", re.escape(p)) for p in template(record["template"]).paraphrases]
+    return any(re.fullmatch(pattern, record["instruction"]) for pattern in patterns)
 
 
 def _refuser():
