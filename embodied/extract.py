@@ -121,28 +121,19 @@ DIRECTIONS_CACHE = ".cache/embodied/directions"
 """Where extracted directions are kept (shared, keyed by weights, prompts and selection)."""
 
 
-def strongest_direction(
-    policy,
-    name: str,
-    prompts: PromptConfig | None = None,
-    selection: SelectionConfig = ALL_LAYERS,
-    cache_dir: str | Path = DIRECTIONS_CACHE,
+def strongest_folder(policy, prompts: PromptConfig, selection: SelectionConfig, cache_dir: str | Path) -> Path:
+    """Where the lowest-bypass fallback of this extraction is cached. It is written only when the extraction
+    found no direction, so its presence also says that the (deterministic) extraction need not be tried again."""
+    return Path(cache_dir) / f"{cache_key(weights_hash(policy.model), prompt_key(prompts), selection)}-strongest"
+
+
+def lowest_bypass_direction(
+    policy, name: str, prompts: PromptConfig, selection: SelectionConfig, cache_dir: str | Path, reason: str
 ) -> tuple[DirectionArtifact, str]:
-    """``policy``'s refusal direction as :func:`embodied.directions.extract_cached` selects it, and ``selected``;
-    when no candidate passes the filters (or nothing is refused), the candidate with the lowest bypass score on the
-    unfiltered prompts, the strongest single-direction ablation there is (what an attacker would take), and
-    ``lowest bypass``: its artifact records why in ``config["fallback"]``, and every candidate's scores. Both are
-    cached in ``cache_dir``."""
-    prompts = prompts or PromptConfig()
-    key = prompt_key(prompts)
-    try:
-        artifact, _, _ = extract_cached(
-            policy, lambda: prompt_sets(prompts), cache_dir, selection, model_name=name, prompts_key=key
-        )
-        return artifact, "selected"
-    except ValueError as e:  # NoDirectionError, or nothing left after filtering by refusal
-        reason = str(e)
-    folder = Path(cache_dir) / f"{cache_key(weights_hash(policy.model), key, selection)}-strongest"
+    """After an extraction found no direction (``reason``): the candidate with the lowest bypass score on the
+    unfiltered prompts, cached in :func:`strongest_folder`; with how it was chosen (``lowest bypass``, or
+    ``selected`` if the unfiltered prompts let one pass)."""
+    folder = strongest_folder(policy, prompts, selection, cache_dir)
     if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
         return DirectionArtifact.load(folder, policy.model), "lowest bypass"
     sets = prompt_sets(prompts)
@@ -162,6 +153,31 @@ def strongest_direction(
     )
     artifact.save(folder)
     return artifact, chosen.how
+
+
+def strongest_direction(
+    policy,
+    name: str,
+    prompts: PromptConfig | None = None,
+    selection: SelectionConfig = ALL_LAYERS,
+    cache_dir: str | Path = DIRECTIONS_CACHE,
+) -> tuple[DirectionArtifact, str]:
+    """``policy``'s refusal direction as :func:`embodied.directions.extract_cached` selects it, and ``selected``;
+    when no candidate passes the filters (or nothing is refused), the candidate with the lowest bypass score on the
+    unfiltered prompts, the strongest single-direction ablation there is (what an attacker would take), and
+    ``lowest bypass``: its artifact records why in ``config["fallback"]``, and every candidate's scores. Both are
+    cached in ``cache_dir``, and a cached fallback is returned without trying the extraction again."""
+    prompts = prompts or PromptConfig()
+    folder = strongest_folder(policy, prompts, selection, cache_dir)
+    if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
+        return DirectionArtifact.load(folder, policy.model), "lowest bypass"
+    try:
+        artifact, _, _ = extract_cached(
+            policy, lambda: prompt_sets(prompts), cache_dir, selection, model_name=name, prompts_key=prompt_key(prompts)
+        )
+        return artifact, "selected"
+    except ValueError as e:  # NoDirectionError, or nothing left after filtering by refusal
+        return lowest_bypass_direction(policy, name, prompts, selection, cache_dir, str(e))
 
 
 def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int, int] | None, top: int) -> Table:
@@ -189,23 +205,28 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     how = "selected"
-    try:
-        artifact, folder, cached = extract_cached(
-            policy,
-            lambda: prompt_sets(cfg.prompts),
-            cfg.cache_dir,
-            cfg.selection,
-            model_name=name,
-            progress=progress,
-            prompts_key=prompt_key(cfg.prompts),
-        )
-    except ValueError as e:  # NoDirectionError, or no prompts left after filtering by refusal score
-        if not cfg.strongest:
-            _report_failure(e, out, name, console, cfg.top)
-            raise
-        artifact, how = strongest_direction(policy, name, cfg.prompts, cfg.selection, cfg.cache_dir)
-        folder, cached = out, False
-        artifact.save(out)
+    fallback = strongest_folder(policy, cfg.prompts, cfg.selection, cfg.cache_dir)
+    if cfg.strongest and (fallback / ARTIFACT_META).exists() and (fallback / ARTIFACT_WEIGHTS).exists():
+        # this extraction failed before: its fallback is cached, and trying again would fail the same way
+        artifact, folder, cached, how = DirectionArtifact.load(fallback, policy.model), fallback, True, "lowest bypass"
+    else:
+        try:
+            artifact, folder, cached = extract_cached(
+                policy,
+                lambda: prompt_sets(cfg.prompts),
+                cfg.cache_dir,
+                cfg.selection,
+                model_name=name,
+                progress=progress,
+                prompts_key=prompt_key(cfg.prompts),
+            )
+        except ValueError as e:  # NoDirectionError, or no prompts left after filtering by refusal score
+            if not cfg.strongest:
+                _report_failure(e, out, name, console, cfg.top)
+                raise
+            artifact, how = lowest_bypass_direction(policy, name, cfg.prompts, cfg.selection, cfg.cache_dir, str(e))
+            folder, cached = out, False
+            artifact.save(out)
     if folder.resolve() != out.resolve():
         for f in (ARTIFACT_WEIGHTS, ARTIFACT_META):
             shutil.copyfile(folder / f, out / f)

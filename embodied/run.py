@@ -62,32 +62,36 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
         return None
     if not needed and not cfg.direction.project:
         return None
-    try:
-        artifact, folder, cached = extract_cached(
-            policy,
-            lambda: prompt_sets(cfg.direction.prompts),
-            cfg.direction.cache_dir,
-            cfg.direction.selection,
-            model_name=policy.name,
-            prompts_key=prompt_key(cfg.direction.prompts),
+    if cfg.direction.strongest:
+        artifact, how = strongest_direction(
+            policy, policy.name, cfg.direction.prompts, cfg.direction.selection, cfg.direction.cache_dir
         )
-    except NoDirectionError as e:
-        if cfg.direction.strongest:
-            artifact, how = strongest_direction(
-                policy, policy.name, cfg.direction.prompts, cfg.direction.selection, cfg.direction.cache_dir
-            )
+        if how != "selected":
             log.warning(
-                "no candidate direction of %s passes the selection filters; taking the %s one: layer %d, position %d",
+                "no candidate direction of %s passes the selection filters; taking the strongest (lowest bypass) "
+                "one: layer %d, position %d",
                 policy.name,
-                "strongest (lowest bypass)" if how != "selected" else "selected",
                 artifact.layer,
                 artifact.position,
             )
-            return artifact
-        if needed:
-            raise
-        log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)
-        return None
+        else:
+            log.info("direction of %s: layer %d, position %d", policy.name, artifact.layer, artifact.position)
+        return artifact
+    else:
+        try:
+            artifact, folder, cached = extract_cached(
+                policy,
+                lambda: prompt_sets(cfg.direction.prompts),
+                cfg.direction.cache_dir,
+                cfg.direction.selection,
+                model_name=policy.name,
+                prompts_key=prompt_key(cfg.direction.prompts),
+            )
+        except NoDirectionError as e:
+            if needed:
+                raise
+            log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)
+            return None
     log.info(
         "direction %s: layer %d, position %d%s",
         folder,

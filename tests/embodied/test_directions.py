@@ -252,7 +252,8 @@ def test_select_direction_falls_back_to_the_lowest_bypass_when_nothing_passes():
     assert (only.score.layer, only.score.position) == (1, -2), "restricted to one cell"
 
 
-def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path):
+def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path, monkeypatch):
+    import embodied.extract
     import policies
     from embodied.extract import PromptConfig, strongest_direction
 
@@ -263,7 +264,9 @@ def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path):
     assert how == "lowest bypass" and "fallback" in artifact.config
     assert artifact.layer == min((s for s in artifact.scores if not math.isnan(s.bypass)), key=lambda s: s.bypass).layer
     [folder] = [p for p in tmp_path.iterdir() if p.name.endswith("-strongest")]
-    again, how2 = strongest_direction(policy, "tiny-vla", prompts, impossible, tmp_path)
+    with monkeypatch.context() as m:  # the cached fallback says the extraction failed: it is not tried again
+        m.setattr(embodied.extract, "extract_cached", lambda *a, **k: pytest.fail("extraction tried again"))
+        again, how2 = strongest_direction(policy, "tiny-vla", prompts, impossible, tmp_path)
     assert how2 == "lowest bypass" and torch.equal(again.direction, artifact.direction)
     lax = SelectionConfig(kl_threshold=math.inf, induce_refusal_threshold=-math.inf, prune_layer_percentage=0.0)
     assert strongest_direction(policy, "tiny-vla", prompts, lax, tmp_path)[1] == "selected"
@@ -312,7 +315,8 @@ def test_extract_compares_the_direction_with_the_checkpoint_before_safety_tuning
     assert json.loads((tmp_path / "same" / "comparison.json").read_text())["cosine"] == pytest.approx(1.0)
 
 
-def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_path):
+def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_path, monkeypatch):
+    import embodied.extract
     from embodied.extract import ExtractConfig, PromptConfig
     from embodied.extract import run as extract_run
     from embodied.loading import PolicyConfig
@@ -331,6 +335,9 @@ def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_
     finite = [s for s in artifact.scores if not math.isnan(s.bypass)]
     assert artifact.chosen.bypass == min(s.bypass for s in finite) and "fallback" in artifact.config
     assert DirectionArtifact.load(tmp_path / "out", policies_model(cfg)).layer == artifact.layer
+    monkeypatch.setattr(embodied.extract, "extract_cached", lambda *a, **k: pytest.fail("extraction tried again"))
+    again = extract_run(ExtractConfig(**{**cfg.__dict__, "strongest": True}), tmp_path / "again")
+    assert torch.equal(again.direction, artifact.direction)
 
 
 def policies_model(cfg):
