@@ -29,6 +29,7 @@ import policies
 from embodied.evaluation import EVAL_SEED, evaluate, summarize
 from embodied.metrics import Rate, targets_met
 from envs.tabletop import TabletopConfig
+from policies.tiny_vla.auxiliary import build_auxiliary
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
 from policies.tiny_vla.policy import resolve_device, resolve_dtype, write_policy_file
@@ -79,6 +80,12 @@ class TrainConfig:
     """Train image tokens to name their object's pixel (``policies.tiny_vla.training.patch_targets``)."""
     grounding_axes: str = "uv"
     """``uv``: the pixel column on even object patches, the row on odd ones; ``u``: the column on every one."""
+    probes: bool = False
+    """Train linear probes on the image tokens alongside, in both stages, and discard them: each patch's object
+    identity and its role in the instruction (``policies.tiny_vla.auxiliary``)."""
+    probe_layer: int | None = None
+    """Decoder layer whose output the probes read (None: the middle one, ``arch.text_layers // 2``)."""
+    probe_weight: float = 1.0
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -115,6 +122,9 @@ def _load_policy(path: str, device: str, dtype: str):
 
 def train(cfg: TrainConfig, out: Path) -> dict:
     """Runs the recipe; returns ``{name: eval summary}``."""
+    layer = cfg.arch.text_layers // 2 if cfg.probe_layer is None else cfg.probe_layer
+    if cfg.probes and not 0 < layer <= cfg.arch.text_layers:
+        raise ValueError(f"probe_layer must be in 1..{cfg.arch.text_layers} (arch.text_layers), got {layer}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -154,6 +164,13 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         per_scene = [patch_targets(o, arch.image_size, arch.patch_size, cfg.grounding_axes) for o in data["objects"]]
         patch_labels = [per_scene[s] for s in data["scene"]]
 
+    auxiliary = None
+    if cfg.probes:
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        auxiliary = build_auxiliary(
+            data, arch.image_size, arch.patch_size, arch.text_hidden, layer, image_id, cfg.probe_weight
+        )
+
     camera = TabletopConfig().camera
     paths = {}
     for name, stage, stage_cfg in (
@@ -164,7 +181,17 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             processor, data["instruction"], stage_targets(data, stage), data["scene"], data["harmful"], patch_labels
         )
         t = time.perf_counter()
-        train_stage(model, examples, pixels, stage_cfg, seed=cfg.seed, name=stage, log=log, progress=cfg.progress)
+        train_stage(
+            model,
+            examples,
+            pixels,
+            stage_cfg,
+            seed=cfg.seed,
+            name=stage,
+            log=log,
+            progress=cfg.progress,
+            auxiliary=auxiliary,
+        )
         timings[f"{stage}_s"] = round(time.perf_counter() - t, 1)
         path = out / name
         model.save_pretrained(path, safe_serialization=True)

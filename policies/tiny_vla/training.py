@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from policies.tiny_vla.auxiliary import Auxiliary
 from policies.tiny_vla.processing_tiny_vla import REFUSAL, prompt_text, slot_words
 
 IGNORE = -100
@@ -197,14 +198,20 @@ def train_stage(
     name: str = "stage",
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
+    auxiliary: Auxiliary | None = None,
 ) -> list[dict]:
-    """Runs one stage of AdamW with linear warm-up and cosine decay; returns the logged rows."""
+    """Runs one stage of AdamW with linear warm-up and cosine decay; returns the logged rows.
+
+    With ``auxiliary``, its probes are trained alongside (their loss added with its weight, and logged apart)."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     embeddings = model.get_input_embeddings()
     embeddings.weight.requires_grad_(not cfg.freeze_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
+    if auxiliary is not None:
+        auxiliary.heads.to(device=device, dtype=model.dtype).train()
+        params += list(auxiliary.heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -215,7 +222,7 @@ def train_stage(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
-    rows, running, t0 = [], [], time.perf_counter()
+    rows, running, running_aux, t0 = [], [], [], time.perf_counter()
     batches = _batches(examples, cfg, rng)
     unk = examples.unk_id
     bar = tqdm(range(cfg.steps), desc=name, disable=not progress, dynamic_ncols=True)
@@ -231,8 +238,24 @@ def train_stage(
             labels = examples.labels[idx, :n].to(device)
             mask = (torch.arange(n)[None, :] < examples.lengths[idx][:, None]).to(device)
             px = pixels[examples.image_index[idx]].to(device=device, dtype=model.dtype)
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels)
-            out.loss.backward()
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=px,
+                labels=labels,
+                output_hidden_states=auxiliary is not None,
+            )
+            loss = out.loss
+            if auxiliary is not None:
+                aux = auxiliary.heads.loss(
+                    out.hidden_states,
+                    ids == auxiliary.image_token_id,
+                    auxiliary.identity[idx].to(device),
+                    auxiliary.role[idx].to(device),
+                )
+                running_aux.append(aux.item())
+                loss = loss + auxiliary.weight * aux
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -246,7 +269,9 @@ def train_stage(
                     "lr": sched.get_last_lr()[0],
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
-                running = []
+                if running_aux:
+                    row["aux_loss"] = float(np.mean(running_aux))
+                running, running_aux = [], []
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if log is not None:

@@ -59,6 +59,18 @@ def test_train_writes_both_checkpoints_with_cards_and_evaluations(tmp_path):
     assert [r["stage"] for r in log if "stage" in r] == ["capability", "safety"]
 
 
+def test_probes_train_in_both_stages_and_a_bad_layer_is_named(tmp_path):
+    with pytest.raises(ValueError, match="probe_layer must be in 1..2"):
+        train(_config(tmp_path, ["probes=true", "probe_layer=5"]), tmp_path / "bad")
+    cfg = _config(tmp_path, ["probes=true", "capability.log_every=1", "safety.log_every=1", "eval.episodes=1"])
+    train(cfg, tmp_path / "out")
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    stages = [r for r in log if "stage" in r]
+    assert [r["stage"] for r in stages] == ["capability"] * 3 + ["safety"] * 2
+    assert all(r["aux_loss"] > 0 for r in stages)
+    assert "probes: true" in (tmp_path / "out" / "tiny-vla" / "README.md").read_text()
+
+
 def test_bad_keys_and_values_fail_with_the_name():
     with initialize_config_module(config_module="conf", version_base="1.3"):
         with pytest.raises(Exception, match="capability.stepz"):

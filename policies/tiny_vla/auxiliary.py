@@ -1,0 +1,114 @@
+"""Training-only probes on the image tokens: which object each patch shows, and which patch the instruction is about.
+
+Pointing is a copy: the answer must attend to the patch of the object the instruction names and read its pixel
+there. The grounding labels (:func:`policies.tiny_vla.training.patch_targets`) teach the image tokens *where* their
+object is; these probes teach them *what* it is (its colour and kind) and *whether the instruction names it* (the
+command's target, or its goal). Each is a linear head on the residual stream of the image tokens at one decoder
+layer (the middle one by default, so the layers above can read what it marks), trained with the model and thrown
+away afterwards: the saved checkpoint is the stock ``LlavaForConditionalGeneration``, unchanged in shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs.instructions import describe
+from envs.scene import CATALOG
+
+ROLES = ("none", "target", "goal")
+"""Role of a patch for one instruction: nothing, the object acted on, or where it goes (the command's goal)."""
+
+
+def object_classes() -> tuple[str, ...]:
+    """Identity classes of a patch: ``none`` and every object description the scenes can show (``red cube``)."""
+    names = {describe((kind, color)) for kind, k in CATALOG.items() for color in k.colors}
+    return ("none", *sorted(names))
+
+
+def _patch(u: int, v: int, image_size: int, patch_size: int) -> int:
+    side = image_size // patch_size
+    u, v = min(max(u, 0), image_size - 1), min(max(v, 0), image_size - 1)
+    return (v // patch_size) * side + u // patch_size
+
+
+def patch_identities(objects: str, image_size: int, patch_size: int, classes: tuple[str, ...]) -> np.ndarray:
+    """For each patch (raster order), the class index of the object whose pixel falls in it (0: none; the first
+    object listed wins a shared patch, as in ``patch_targets``). ``objects``: ``red cube 12 40 ; blue ball 30 20``."""
+    index = {name: i for i, name in enumerate(classes)}
+    out = np.zeros((image_size // patch_size) ** 2, dtype=np.int64)
+    for item in filter(None, (x.strip() for x in str(objects).split(";"))):
+        *name, u, v = item.split()
+        description = " ".join(name)
+        if description not in index:
+            raise ValueError(f"object {description!r} is not one of the identity classes")
+        j = _patch(int(u), int(v), image_size, patch_size)
+        if out[j] == 0:
+            out[j] = index[description]
+    return out
+
+
+def patch_roles(command: str, image_size: int, patch_size: int) -> np.ndarray:
+    """For each patch, its role in the literal command (``pick_place 21 40 to 33 12 ...``): 1 where the target
+    pixel is, 2 where the goal pixel is (a goal in the target's patch leaves it the target), 0 elsewhere."""
+    out = np.zeros((image_size // patch_size) ** 2, dtype=np.int64)
+    words = str(command).split()
+    if not words or words[0] == "refuse":
+        return out
+    target = _patch(int(words[1]), int(words[2]), image_size, patch_size)
+    if "to" in words:
+        k = words.index("to")
+        out[_patch(int(words[k + 1]), int(words[k + 2]), image_size, patch_size)] = 2
+    out[target] = 1
+    return out
+
+
+class AuxiliaryHeads(nn.Module):
+    """Linear identity and role heads on the image tokens' residual stream after decoder layer ``layer``."""
+
+    def __init__(self, hidden: int, classes: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.identity = nn.Linear(hidden, classes)
+        self.role = nn.Linear(hidden, len(ROLES))
+
+    def loss(self, hidden_states, image_mask: torch.Tensor, identity: torch.Tensor, role: torch.Tensor):
+        """Mean cross-entropy of both heads. ``hidden_states``: the model's (embeddings first); ``image_mask``
+        (B, T) marks the image tokens, ``identity`` / ``role`` (B, patches) their labels."""
+        h = hidden_states[self.layer][image_mask].view(*identity.shape, -1)
+        ce = nn.functional.cross_entropy
+        return ce(self.identity(h).flatten(0, 1), identity.flatten()) + ce(self.role(h).flatten(0, 1), role.flatten())
+
+
+@dataclass
+class Auxiliary:
+    """The probes of one training stage and their labels, one row per example (``image_index`` order)."""
+
+    heads: AuxiliaryHeads
+    identity: torch.Tensor
+    """(examples, patches) class indices (:func:`patch_identities`)."""
+    role: torch.Tensor
+    """(examples, patches) role indices (:func:`patch_roles`)."""
+    image_token_id: int
+    weight: float = 1.0
+
+
+def build_auxiliary(
+    data: dict, image_size: int, patch_size: int, hidden: int, layer: int, image_token_id: int, weight: float = 1.0
+) -> Auxiliary:
+    """Probes and labels for generated data (``policies.tiny_vla.data.generate``): identities from each scene's
+    objects, roles from each sample's literal command (kept for harmful samples too: safety tuning still has to
+    know what it refuses to touch)."""
+    classes = object_classes()
+    per_scene = np.stack([patch_identities(o, image_size, patch_size, classes) for o in data["objects"]])
+    roles = np.stack([patch_roles(c, image_size, patch_size) for c in data["command"]])
+    return Auxiliary(
+        heads=AuxiliaryHeads(hidden, len(classes), layer),
+        identity=torch.as_tensor(per_scene[np.asarray(data["scene"])]),
+        role=torch.as_tensor(roles),
+        image_token_id=image_token_id,
+        weight=weight,
+    )

@@ -1,0 +1,65 @@
+"""Training-only probes of the tiny VLA: their labels, their training, and checkpoints that stay stock."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.tiny_vla.auxiliary import (
+    ROLES,
+    build_auxiliary,
+    object_classes,
+    patch_identities,
+    patch_roles,
+)
+from policies.tiny_vla.data import DataSpec, generate
+from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
+from policies.tiny_vla.processing_tiny_vla import build_processor
+from policies.tiny_vla.training import StageConfig, pixel_values, stage_targets, tokenize, train_stage
+
+ARCH = TinyVLAArch(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2)
+
+
+def test_identities_name_the_object_at_its_patch_and_the_first_listed_wins():
+    classes = object_classes()
+    labels = patch_identities("red cube 12 40 ; blue ball 13 41 ; green cup 63 0", 64, 8, classes)
+    assert labels.shape == (64,)
+    assert classes[labels[5 * 8 + 1]] == "red cube"  # (12, 40) -> row 5, column 1; the blue ball shares it
+    assert classes[labels[7]] == "green cup"
+    assert (labels > 0).sum() == 2
+    with pytest.raises(ValueError, match="purple unicorn"):
+        patch_identities("purple unicorn 1 1", 64, 8, classes)
+
+
+def test_roles_mark_target_and_goal_patches_of_the_command():
+    roles = patch_roles("pick_place 21 40 to 33 12 h 2 speed 2", 64, 8)
+    assert ROLES[roles[5 * 8 + 2]] == "target" and ROLES[roles[1 * 8 + 4]] == "goal"
+    assert (roles > 0).sum() == 2
+    move = patch_roles("move 40 15 h 9 speed 7", 64, 8)
+    assert ROLES[move[1 * 8 + 5]] == "target" and (move > 0).sum() == 1
+    assert not patch_roles("refuse", 64, 8).any()
+    same_patch = patch_roles("push 30 30 to 31 29 h 3 speed 2", 64, 8)
+    assert ROLES[same_patch[3 * 8 + 3]] == "target" and (same_patch > 0).sum() == 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(DataSpec(scenes=6, tasks_per_scene=3, seed=3), tmp_path_factory.mktemp("data"), workers=1)
+
+
+def test_probes_learn_beside_the_model_and_the_checkpoint_stays_stock(data, tmp_path):
+    processor = build_processor(ARCH.image_size, ARCH.patch_size)
+    torch.manual_seed(0)
+    model = build_model(ARCH, processor.tokenizer)
+    stock_keys = set(model.state_dict())
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    aux = build_auxiliary(data, ARCH.image_size, ARCH.patch_size, ARCH.text_hidden, 1, image_id)
+    assert aux.identity.shape == aux.role.shape == (len(data["command"]), ARCH.image_tokens)
+    for command, roles in zip(data["command"], aux.role.numpy(), strict=True):
+        np.testing.assert_array_equal(roles, patch_roles(command, ARCH.image_size, ARCH.patch_size))
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"])
+    cfg = StageConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, log_every=5)
+    rows = train_stage(model, ex, pixel_values(processor, data["image"]), cfg, 0, progress=False, auxiliary=aux)
+    assert all("aux_loss" in r for r in rows)
+    assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert set(model.state_dict()) == stock_keys  # the probes were never part of the model
