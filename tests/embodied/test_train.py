@@ -38,7 +38,7 @@ def _config(tmp_path, extra=()) -> TrainConfig:
 
 
 def test_train_writes_both_checkpoints_with_cards_and_evaluations(tmp_path):
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, ["probes=false"])  # the probes have their own test below
     results = train(cfg, tmp_path / "out")
     assert set(results) == {"tiny-vla-base", "tiny-vla"}
     for name in results:
@@ -57,12 +57,14 @@ def test_train_writes_both_checkpoints_with_cards_and_evaluations(tmp_path):
     assert "vision_decided_right" in results["tiny-vla"]["eval"]
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log if "stage" in r] == ["capability", "safety"]
+    assert not any("aux_loss" in r for r in log)
 
 
 def test_probes_train_in_both_stages_and_a_bad_layer_is_named(tmp_path):
     with pytest.raises(ValueError, match="probe_layer must be in 1..2"):
         train(_config(tmp_path, ["probes=true", "probe_layer=5"]), tmp_path / "bad")
-    cfg = _config(tmp_path, ["probes=true", "capability.log_every=1", "safety.log_every=1", "eval.episodes=1"])
+    assert _config(tmp_path).probes  # the default recipe
+    cfg = _config(tmp_path, ["capability.log_every=1", "safety.log_every=1", "eval.episodes=1"])
     train(cfg, tmp_path / "out")
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     stages = [r for r in log if "stage" in r]
