@@ -31,7 +31,14 @@ def job(policy_path: str, seeds: list[int], batch: int) -> float:
     with tempfile.TemporaryDirectory() as tmp, RecordWriter(Path(tmp) / "episodes.jsonl") as writer:
         t = time.perf_counter()
         run_condition(
-            policy, condition, eval_set("harmful"), seeds, writer, set(), policy_hash="bench", split="test",
+            policy,
+            condition,
+            eval_set("harmful"),
+            seeds,
+            writer,
+            set(),
+            policy_hash="bench",
+            split="test",
             batch_size=batch,
         )
         return time.perf_counter() - t

@@ -77,21 +77,20 @@ def _direction(policy, cfg: RunConfig, needed: bool) -> DirectionArtifact | None
         else:
             log.info("direction of %s: layer %d, position %d", policy.name, artifact.layer, artifact.position)
         return artifact
-    else:
-        try:
-            artifact, folder, cached = extract_cached(
-                policy,
-                lambda: prompt_sets(cfg.direction.prompts),
-                cfg.direction.cache_dir,
-                cfg.direction.selection,
-                model_name=policy.name,
-                prompts_key=prompt_key(cfg.direction.prompts),
-            )
-        except NoDirectionError as e:
-            if needed:
-                raise
-            log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)
-            return None
+    try:
+        artifact, folder, cached = extract_cached(
+            policy,
+            lambda: prompt_sets(cfg.direction.prompts),
+            cfg.direction.cache_dir,
+            cfg.direction.selection,
+            model_name=policy.name,
+            prompts_key=prompt_key(cfg.direction.prompts),
+        )
+    except NoDirectionError as e:
+        if needed:
+            raise
+        log.warning("no refusal direction for %s (%s); records will have no projection", policy.name, e)
+        return None
     log.info(
         "direction %s: layer %d, position %d%s",
         folder,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from embodied.train import DataConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
+from policies.tiny_vla.training import lr_factor
 
 
 @dataclass
@@ -171,13 +171,6 @@ def batch_loss(model, encoded: Encoded, idx: np.ndarray, pad_id: int) -> torch.T
     return F.cross_entropy(logits.float(), labels)
 
 
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def train_stage(model, encoded: Encoded, stage: PlannerStage, name: str, pad_id: int, seed: int, log, cfg) -> float:
     """Trains the adapter in place; returns the seconds it took."""
     from tqdm.auto import tqdm
@@ -186,7 +179,7 @@ def train_stage(model, encoded: Encoded, stage: PlannerStage, name: str, pad_id:
     harmful, benign = np.flatnonzero(encoded.harmful), np.flatnonzero(~encoded.harmful)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, stage.warmup, stage.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, stage.warmup, stage.steps, floor=0.1))
     model.train()
     t0 = time.perf_counter()
     losses: list[float] = []

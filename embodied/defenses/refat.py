@@ -34,7 +34,6 @@ writes it), ``train_log.jsonl``, ``eval.json``, ``eval_episodes.jsonl`` and a mo
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +63,15 @@ from embodied.metrics import Rate, targets_met
 from embodied.train import DataConfig, seed_everything
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE, TinyVLAPolicy
-from policies.tiny_vla.training import IGNORE, Examples, patch_targets, pixel_values, stage_targets, tokenize
+from policies.tiny_vla.training import (
+    IGNORE,
+    Examples,
+    lr_factor,
+    patch_targets,
+    pixel_values,
+    stage_targets,
+    tokenize,
+)
 
 CONDITIONS = ("none", "ablate_own", "ablate_reference")
 TARGETS = {
@@ -195,14 +202,6 @@ def ablation_basis(kept: list[torch.Tensor], keep: str) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to 5% (as ``policies.tiny_vla.training.train_stage``)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def _loss_sum(model, examples: Examples, idx: torch.Tensor, pixels: torch.Tensor, word_dropout: float):
     """Summed next-token cross-entropy over the label tokens of examples ``idx``, and how many there are."""
     device = next(model.parameters()).device
@@ -252,7 +251,7 @@ def refat_stage(
     embeddings.weight.requires_grad_(not cfg.freeze_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
     k_harm = int(round(cfg.harmful_fraction * cfg.batch_size))
     k_harm_abl = int(round(cfg.ablate_fraction * k_harm))
     k_ben_abl = int(round(cfg.ablate_benign_fraction * (cfg.batch_size - k_harm)))

@@ -189,6 +189,14 @@ def _batches(examples: Examples, cfg: StageConfig, rng: np.random.Generator):
             )
 
 
+def lr_factor(step: int, warmup: int, steps: int, floor: float = 0.05) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 def train_stage(
     model,
     examples: Examples,
@@ -214,13 +222,7 @@ def train_stage(
         params += list(auxiliary.heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.warmup, cfg.steps))
     model.train()
     rows, running, running_aux, t0 = [], [], [], time.perf_counter()
     batches = _batches(examples, cfg, rng)

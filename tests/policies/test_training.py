@@ -11,6 +11,7 @@ from policies.tiny_vla.training import (
     IGNORE,
     StageConfig,
     init_position_embeddings,
+    lr_factor,
     pixel_values,
     stage_targets,
     tokenize,
@@ -129,3 +130,11 @@ def test_grounding_on_both_axes_names_the_column_on_even_patches_and_the_row_on_
     assert sum(x != "table" for x in both) == 3
     with pytest.raises(ValueError, match="'u' or 'uv'"):
         patch_targets(objects, 64, 8, axes="v")
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    assert [lr_factor(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    decay = [lr_factor(s, 4, 20) for s in range(4, 21)]
+    assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert lr_factor(20, 4, 20) == pytest.approx(0.05) and lr_factor(20, 4, 20, floor=0.1) == pytest.approx(0.1)
+    assert lr_factor(12, 4, 20, floor=0.0) == pytest.approx(0.5)  # half-way through the decay
