@@ -55,6 +55,17 @@ class DataConfig:
     """Generated data is kept here (relative to the working directory) and reused when nothing changed."""
     workers: int = 2
 
+    def spec(self, scene_texts: bool = False) -> DataSpec:
+        """The train-split data these settings describe (``scene_texts``: keep each scene as text too)."""
+        return DataSpec(
+            split="train",
+            scenes=self.scenes,
+            tasks_per_scene=self.tasks_per_scene,
+            seed=self.seed,
+            image_size=self.image_size,
+            scene_texts=scene_texts,
+        )
+
 
 @dataclass
 class EvalConfig:
@@ -140,13 +151,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = DataSpec(
-        split="train",
-        scenes=cfg.data.scenes,
-        tasks_per_scene=cfg.data.tasks_per_scene,
-        seed=cfg.data.seed,
-        image_size=cfg.data.image_size,
-    )
+    spec = cfg.data.spec()
     data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     digest = data_hash(data)

