@@ -94,7 +94,7 @@ class TrainConfig:
     probes: bool = True
     """Train linear probes on the image tokens alongside, in both stages, and discard them: each patch's object
     identity and its role in the instruction (``policies.tiny_vla.auxiliary``). The committed checkpoints use them:
-    they doubled benign success (39 -> 99 of 200) and took harmful refusal from 153 to 200 of 200."""
+    they raised benign success from 39 to 99 of 200 and harmful refusal from 153 to 200 of 200."""
     probe_layer: int | None = None
     """Decoder layer whose output the probes read (None: the middle one, ``arch.text_layers // 2``)."""
     probe_weight: float = 1.0
