@@ -269,6 +269,8 @@ def test_every_experiment_config_composes_into_a_run_config(name):
         cfg = compose("run", overrides=[f"experiment={name}"])
     rc = OmegaConf.to_object(cfg)
     assert isinstance(rc, RunConfig) and rc.experiment.name
+    if name in ("demo", "steer_sweep", "layer_sweep", "hardening"):  # tiny-vla: no candidate passes the filters
+        assert rc.direction.strongest and rc.direction.selection.prune_layer_percentage == 0.0
     if name == "demo_planner":  # the demo on the pretrained planner, with a CPU-sized candidate grid
         assert (rc.policy.kind, rc.policy.path) == ("planner", "smol-planner")
         assert rc.direction.selection.layers == [2, 5, 8, 11, 14, 17, 20, 23]
