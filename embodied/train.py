@@ -54,6 +54,8 @@ class DataConfig:
     cache_dir: str = ".cache/embodied"
     """Generated data is kept here (relative to the working directory) and reused when nothing changed."""
     workers: int = 2
+    containers: bool = False
+    """Ground the containers too (``DataSpec.containers``; the committed checkpoints were trained without)."""
 
     def spec(self, scene_texts: bool = False) -> DataSpec:
         """The train-split data these settings describe (``scene_texts``: keep each scene as text too)."""
@@ -64,6 +66,7 @@ class DataConfig:
             seed=self.seed,
             image_size=self.image_size,
             scene_texts=scene_texts,
+            containers=self.containers,
         )
 
 
@@ -84,6 +87,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     arch: TinyVLAArch = field(default_factory=TinyVLAArch)
     capability: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, lr=2e-3))
+    """``capability.balance``: draw the instruction categories (harmful and benign apart) evenly; the scenes
+    support ``move`` eleven times as often as ``throw`` (README: what it changed, measured)."""
     safety: StageConfig = field(
         default_factory=lambda: StageConfig(steps=450, lr=1e-3, harmful_fraction=0.5, freeze_embeddings=True)
     )
@@ -174,7 +179,14 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     if cfg.probes:
         image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         auxiliary = build_auxiliary(
-            data, arch.image_size, arch.patch_size, arch.text_hidden, layer, image_id, cfg.probe_weight
+            data,
+            arch.image_size,
+            arch.patch_size,
+            arch.text_hidden,
+            layer,
+            image_id,
+            cfg.probe_weight,
+            containers=cfg.data.containers,
         )
 
     camera = TabletopConfig().camera
@@ -184,7 +196,13 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         ("tiny-vla", "safety", cfg.safety),
     ):
         examples = tokenize(
-            processor, data["instruction"], stage_targets(data, stage), data["scene"], data["harmful"], patch_labels
+            processor,
+            data["instruction"],
+            stage_targets(data, stage),
+            data["scene"],
+            data["harmful"],
+            patch_labels,
+            groups=[f"{h}:{c}" for h, c in zip(data["harmful"], data["category"], strict=True)],
         )
         t = time.perf_counter()
         train_stage(

@@ -17,16 +17,17 @@ import torch
 from torch import nn
 
 from envs.instructions import describe
-from envs.scene import CATALOG
+from envs.scene import CATALOG, CONTAINERS
 
 ROLES = ("none", "target", "goal")
 """Role of a patch for one instruction: nothing, the object acted on, or where it goes (the command's goal)."""
 
 
-def object_classes() -> tuple[str, ...]:
-    """Identity classes of a patch: ``none`` and every object description the scenes can show (``red cube``)."""
+def object_classes(containers: bool = False) -> tuple[str, ...]:
+    """Identity classes of a patch: ``none``, every object description the scenes can show (``red cube``) and,
+    with ``containers``, the containers (``bin``)."""
     names = {describe((kind, color)) for kind, k in CATALOG.items() for color in k.colors}
-    return ("none", *sorted(names))
+    return ("none", *sorted(names | (set(CONTAINERS) if containers else set())))
 
 
 def _patch(u: int, v: int, image_size: int, patch_size: int) -> int:
@@ -97,12 +98,19 @@ class Auxiliary:
 
 
 def build_auxiliary(
-    data: dict, image_size: int, patch_size: int, hidden: int, layer: int, image_token_id: int, weight: float = 1.0
+    data: dict,
+    image_size: int,
+    patch_size: int,
+    hidden: int,
+    layer: int,
+    image_token_id: int,
+    weight: float = 1.0,
+    containers: bool = False,
 ) -> Auxiliary:
     """Probes and labels for generated data (``policies.tiny_vla.data.generate``): identities from each scene's
     objects, roles from each sample's literal command (kept for harmful samples too: safety tuning still has to
     know what it refuses to touch)."""
-    classes = object_classes()
+    classes = object_classes(containers)
     per_scene = np.stack([patch_identities(o, image_size, patch_size, classes) for o in data["objects"]])
     roles = np.stack([patch_roles(c, image_size, patch_size) for c in data["command"]])
     return Auxiliary(

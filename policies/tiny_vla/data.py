@@ -39,11 +39,14 @@ class DataSpec:
     image_size: int = 64
     scene_texts: bool = False
     """Also keep each scene as text (``scene_text``, :func:`policies.hf.scene_text`), for planners that read it."""
+    containers: bool = False
+    """List the containers (bin, tray) in each scene's ``objects`` too, so grounding and probes cover them."""
 
     def key(self) -> str:
         fields = asdict(self)
-        if not self.scene_texts:  # data without scene texts keeps the key it always had
-            del fields["scene_texts"]
+        for flag in ("scene_texts", "containers"):  # data without them keeps the key it always had
+            if not fields[flag]:
+                del fields[flag]
         blob = json.dumps({**fields, "version": DATA_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -65,7 +68,7 @@ def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
             seed = scene_seed(spec, i)
             obs, _ = env.reset(seed=seed)
             out["image"].append(obs["image"])
-            out["objects"].append(scene_objects(env, codec))
+            out["objects"].append(scene_objects(env, codec, spec.containers))
             if spec.scene_texts:
                 out["scene_text"].append(scene_text(env.layout(), codec))
             tasks = [env.task]
@@ -99,12 +102,16 @@ def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
     return out
 
 
-def scene_objects(env: TabletopEnv, codec: ActionCodec) -> str:
-    """Every object in view with its pixel, in raster order: ``red cube 12 40 ; blue ball 30 20``."""
+def scene_objects(env: TabletopEnv, codec: ActionCodec, containers: bool = False) -> str:
+    """Every object in view (and with ``containers`` every container) with its pixel, in raster order:
+    ``red cube 12 40 ; bin 30 20``."""
     items = []
     for o in env.scene.spec.objects:
         u, v = codec.pixel(env.sim.get_position(o.name))
         items.append((v, u, f"{describe((o.kind, o.color))} {u} {v}"))
+    for c in env.scene.spec.containers if containers else ():
+        u, v = codec.pixel(env.sim.get_position(c.name))
+        items.append((v, u, f"{c.kind} {u} {v}"))
     return " ; ".join(text for _, _, text in sorted(items))
 
 

@@ -35,6 +35,10 @@ class StageConfig:
     harmful_fraction: float | None = None
     """Share of harmful examples per batch (None: as they come in the data)."""
     freeze_embeddings: bool = False
+    balance: float = 0.0
+    """How evenly batches draw the example groups (``tokenize``'s ``groups``, e.g. instruction categories): an
+    example is drawn with weight ``n_group ** -balance``, so 0 keeps the data's own mix and 1 draws every group
+    equally often."""
     word_dropout: float = 0.1
     """Chance that a template word (not a slot filler) of the instruction is replaced by ``<unk>`` in a batch."""
     log_every: int = 50
@@ -52,6 +56,8 @@ class Examples:
     droppable: torch.Tensor
     """Where word dropout may act: the instruction's template words."""
     unk_id: int
+    group: torch.Tensor | None = None
+    """Per example, the index of its group (``StageConfig.balance``); None: one group."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -83,8 +89,11 @@ def patch_targets(objects: str, image_size: int, patch_size: int, axes: str = "u
     return out
 
 
-def tokenize(processor, instructions, targets, image_index, harmful, patch_labels=None) -> Examples:
+def tokenize(processor, instructions, targets, image_index, harmful, patch_labels=None, groups=None) -> Examples:
     """Prompt + target + end of sequence; the loss is taken on the target and the end token only.
+
+    ``groups`` (per example, any hashable label such as its category) lets a stage balance its batches
+    (``StageConfig.balance``).
 
     With ``patch_labels`` (per example, one word per image token, from :func:`patch_targets`), each image token
     is also trained to name the pixel column of the object in its patch. A from-scratch model otherwise never
@@ -127,6 +136,7 @@ def tokenize(processor, instructions, targets, image_index, harmful, patch_label
         harmful=torch.as_tensor(np.asarray(harmful), dtype=torch.bool),
         droppable=droppable,
         unk_id=tok.unk_token_id,
+        group=None if groups is None else torch.as_tensor(np.unique(np.asarray(groups), return_inverse=True)[1]),
     )
 
 
@@ -175,18 +185,31 @@ def init_position_embeddings(model) -> None:
         weight[0].zero_()
 
 
+def sampling_weights(examples: Examples, balance: float) -> np.ndarray:
+    """Per-example draw probabilities: ``n_group ** -balance``, normalized (uniform without groups)."""
+    if examples.group is None or balance == 0:
+        return np.full(len(examples), 1.0 / len(examples))
+    group = examples.group.numpy()
+    w = np.bincount(group).astype(float)[group] ** -balance
+    return w / w.sum()
+
+
 def _batches(examples: Examples, cfg: StageConfig, rng: np.random.Generator):
     harm = examples.harmful.numpy()
+    weights = sampling_weights(examples, cfg.balance)
     harmful_idx, benign_idx = np.flatnonzero(harm), np.flatnonzero(~harm)
     everything = np.arange(len(examples))
+
+    def draw(idx: np.ndarray, k: int, replace: bool) -> np.ndarray:
+        p = weights[idx]
+        return rng.choice(idx, k, replace=replace, p=None if cfg.balance == 0 else p / p.sum())
+
     while True:
         if cfg.harmful_fraction is None or not len(harmful_idx) or not len(benign_idx):
-            yield rng.choice(everything, cfg.batch_size, replace=False)
+            yield draw(everything, cfg.batch_size, replace=cfg.balance != 0)  # weighted draws are independent
         else:
             k = int(round(cfg.harmful_fraction * cfg.batch_size))
-            yield np.concatenate(
-                [rng.choice(harmful_idx, k, replace=True), rng.choice(benign_idx, cfg.batch_size - k, replace=True)]
-            )
+            yield np.concatenate([draw(harmful_idx, k, True), draw(benign_idx, cfg.batch_size - k, True)])
 
 
 def lr_factor(step: int, warmup: int, steps: int, floor: float = 0.05) -> float:

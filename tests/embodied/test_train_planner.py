@@ -106,12 +106,13 @@ def test_bad_stage_values_fail_naming_them():
 
 def test_data_without_scene_texts_keeps_its_cache_key():
     spec = DataSpec(scenes=7)
-    fields = {k: v for k, v in asdict(spec).items() if k != "scene_texts"}
+    fields = {k: v for k, v in asdict(spec).items() if k not in ("scene_texts", "containers")}
     import hashlib
 
     old = hashlib.sha256(json.dumps({**fields, "version": DATA_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     assert spec.key() == old
     assert DataSpec(scenes=7, scene_texts=True).key() != old
+    assert DataSpec(scenes=7, containers=True).key() != old
 
 
 @pytest.mark.slow  # ~3-4 min on 2 cores: SmolLM2 is loaded once to train and once per adapter to evaluate

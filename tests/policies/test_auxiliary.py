@@ -63,3 +63,24 @@ def test_probes_learn_beside_the_model_and_the_checkpoint_stays_stock(data, tmp_
     assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
     model.save_pretrained(tmp_path, safe_serialization=True)
     assert set(model.state_dict()) == stock_keys  # the probes were never part of the model
+
+
+def test_containers_are_opt_in_identity_classes_listed_with_the_scene_objects():
+    from envs import TabletopEnv
+    from policies.codec import ActionCodec
+    from policies.tiny_vla.data import scene_objects
+
+    assert not {"bin", "tray"} & set(object_classes())  # the committed checkpoints' probes
+    classes = object_classes(containers=True)
+    assert {"bin", "tray"} <= set(classes)
+    env = TabletopEnv(image_size=64, categories=("place",))
+    try:
+        env.reset(seed=0)
+        codec = ActionCodec.for_env(env)
+        container = env.task.goal_entity
+        assert f"{container} " not in scene_objects(env, codec)
+        listed = scene_objects(env, codec, containers=True)
+        assert f"{container} " in listed
+        assert classes.index(container) in patch_identities(listed, 64, 8, classes)
+    finally:
+        env.close()

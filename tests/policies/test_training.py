@@ -138,3 +138,24 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor():
     assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:], strict=False))
     assert lr_factor(20, 4, 20) == pytest.approx(0.05) and lr_factor(20, 4, 20, floor=0.1) == pytest.approx(0.1)
     assert lr_factor(12, 4, 20, floor=0.0) == pytest.approx(0.5)  # half-way through the decay
+
+
+def test_balance_draws_every_group_about_equally_often(processor, data):
+    from policies.tiny_vla.training import _batches, sampling_weights
+
+    n = len(data["instruction"])
+    groups = ["rare" if i < 2 else "common" for i in range(n)]
+    ex = tokenize(
+        processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"], groups=groups
+    )
+    np.testing.assert_allclose(sampling_weights(ex, 0.0), 1 / n)
+    weights = sampling_weights(ex, 1.0)
+    assert weights[:2].sum() == pytest.approx(0.5) and weights.sum() == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    for balance, share in ((0.0, 2 / n), (1.0, 0.5)):
+        batches = _batches(ex, StageConfig(batch_size=4, balance=balance), rng)
+        drawn = np.concatenate([next(batches) for _ in range(2000)])
+        assert np.mean(drawn < 2) == pytest.approx(share, abs=0.03)
+    stage = StageConfig(batch_size=8, balance=1.0, harmful_fraction=0.5)  # within each harm class
+    drawn = np.concatenate([next(_batches(ex, stage, rng)) for _ in range(200)])
+    assert ex.harmful[drawn].float().mean() == pytest.approx(0.5)
