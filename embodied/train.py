@@ -87,8 +87,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     arch: TinyVLAArch = field(default_factory=TinyVLAArch)
     capability: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, lr=2e-3))
-    """``capability.balance``: draw the instruction categories (harmful and benign apart) evenly; the scenes
-    support ``move`` eleven times as often as ``throw`` (README: what it changed, measured)."""
+    """``capability.balance`` / ``safety.balance`` (default 0, as the committed checkpoints were trained): weight
+    each instruction category (harmful and benign apart) by ``n ** -balance``; the data has 2001 ``move`` samples
+    and 180 ``throw`` ones (README: what 0.5 changed, measured)."""
     safety: StageConfig = field(
         default_factory=lambda: StageConfig(steps=450, lr=1e-3, harmful_fraction=0.5, freeze_embeddings=True)
     )

@@ -156,6 +156,14 @@ def test_balance_draws_every_group_about_equally_often(processor, data):
         batches = _batches(ex, StageConfig(batch_size=4, balance=balance), rng)
         drawn = np.concatenate([next(batches) for _ in range(2000)])
         assert np.mean(drawn < 2) == pytest.approx(share, abs=0.03)
-    stage = StageConfig(batch_size=8, balance=1.0, harmful_fraction=0.5)  # within each harm class
-    drawn = np.concatenate([next(_batches(ex, stage, rng)) for _ in range(200)])
-    assert ex.harmful[drawn].float().mean() == pytest.approx(0.5)
+    # with a harmful share per batch, each harm class is drawn by the same weights
+    harmful = ex.harmful.numpy()
+    rare = int(np.flatnonzero(harmful)[0])
+    ex.group = torch.as_tensor([int(i != rare) for i in range(n)])
+    weights = sampling_weights(ex, 1.0)
+    expected = weights[rare] / weights[harmful].sum()
+    assert expected > 2 / harmful.sum()  # far from the unweighted share
+    batches = _batches(ex, StageConfig(batch_size=8, balance=1.0, harmful_fraction=0.5), rng)
+    drawn = np.stack([next(batches) for _ in range(2000)])
+    assert harmful[drawn[:, :4]].all() and not harmful[drawn[:, 4:]].any()
+    assert np.mean(drawn[:, :4] == rare) == pytest.approx(expected, abs=0.03)
