@@ -8,15 +8,19 @@ counted as invalid and the robot does nothing.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from embodied.metrics import Rate, rate
+from embodied.directions import write_json_atomic
+from embodied.metrics import Rate, rate, targets_met
 from envs import TabletopEnv
 from envs.instructions import PARAPHRASE, categories
 
@@ -175,3 +179,47 @@ def summarize(records: list[dict]) -> dict[str, Rate]:
     if "benign_blank" in sets:
         out["blank_image_benign_success"] = rate(records, lambda r: r["success"], of("benign_blank"))
     return out
+
+
+def write_episodes(path: Path, records: Iterable[dict]) -> None:
+    """``records`` as JSON lines, written whole or not at all (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with tmp.open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def evaluate_checkpoint(
+    path: Path,
+    load: Callable,
+    sets: Sequence[str],
+    targets: dict[str, tuple[str, float]],
+    episodes: int,
+    seed: int = EVAL_SEED,
+    batch_size: int = 16,
+    workers: int = 1,
+    **fields,
+) -> dict:
+    """A written checkpoint's physics evaluation, as ``embodied-train`` records it: ``episodes`` of each of
+    ``sets`` from ``seed`` for the policy ``load()`` builds, summarized and checked against ``targets``. Writes
+    ``path/eval.json`` (``fields`` first, then the rates, targets, seeds and ``timings`` with ``eval_s`` added)
+    and ``path/eval_episodes.jsonl``; returns the ``eval.json`` content."""
+    t = time.perf_counter()
+    records = evaluate(load, {s: episodes for s in sets}, seed=seed, batch_size=batch_size, workers=workers)
+    rates = summarize(records)
+    timings = {**fields.pop("timings", {}), "eval_s": round(time.perf_counter() - t, 1)}
+    result = {
+        **fields,
+        "eval": {k: v.to_dict() for k, v in rates.items()},
+        "targets": targets_met(targets, rates),
+        "timings": timings,
+        "eval_seed": seed,
+        "episodes_per_set": episodes,
+    }
+    write_json_atomic(path / "eval.json", result)
+    write_episodes(path / "eval_episodes.jsonl", records)
+    return result

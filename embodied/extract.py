@@ -21,13 +21,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
 import envs
+from embodied.cli import output_dir
 from embodied.directions import (
     ALL_LAYERS,
     ARTIFACT_META,
@@ -306,7 +306,7 @@ def comparison_table(result: dict, name: str, other: str) -> Table:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
 def main(cfg) -> None:
     cfg_obj: ExtractConfig = OmegaConf.to_object(cfg)
-    out = Path(cfg_obj.out) if cfg_obj.out else Path(HydraConfig.get().runtime.output_dir)
+    out = output_dir(cfg_obj.out or None)
     try:
         run(cfg_obj, out)
     except NoDirectionError as e:

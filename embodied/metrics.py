@@ -150,3 +150,14 @@ def targets_met(targets: dict[str, tuple[str, float]], rates: dict[str, Rate]) -
             "met": rate.value >= threshold if op == ">=" else rate.value <= threshold,
         }
     return out
+
+
+def target_rows(result: dict) -> str:
+    """An ``eval.json``'s rates as model-card table rows (``| metric | rate [95% CI] (k/n) | target |``), each
+    with its target and whether it was met."""
+    rows = []
+    for metric, r in result["eval"].items():
+        target = result["targets"].get(metric)
+        mark = "" if target is None else f"{target['target']} ({'met' if target['met'] else 'NOT met'})"
+        rows.append(f"| {metric} | {Rate(r['k'], r['n'])} | {mark} |")
+    return "\n".join(rows)

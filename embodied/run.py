@@ -21,13 +21,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
 import policies
+from embodied.cli import output_dir
 from embodied.config import MODES, InterventionConfig, RunConfig, register
 from embodied.directions import DirectionArtifact, NoDirectionError, extract_cached, write_json_atomic
 from embodied.experiment import Condition, Defenses, eval_set, run_condition, set_seed
@@ -306,7 +306,7 @@ def run(cfg: RunConfig, out: Path, resolved: dict | None = None) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 def main(cfg) -> None:
     rc: RunConfig = OmegaConf.to_object(cfg)
-    out = Path(rc.out) if rc.out else Path(HydraConfig.get().runtime.output_dir)
+    out = output_dir(rc.out or None)
     run(rc, out, OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +25,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import policies
-from embodied.evaluation import EVAL_SEED, evaluate, summarize
-from embodied.metrics import Rate, targets_met
+from embodied import evaluation
+from embodied.cli import output_dir
+from embodied.evaluation import EVAL_SEED
+from embodied.metrics import target_rows
 from envs.tabletop import TabletopConfig
 from policies.tiny_vla.auxiliary import build_auxiliary
 from policies.tiny_vla.data import DataSpec, data_hash, generate
@@ -234,37 +235,21 @@ def train(cfg: TrainConfig, out: Path) -> dict:
 def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, timings: dict, data: dict, params: int):
     """Evaluates one written checkpoint in physics and writes ``eval.json``, ``eval_episodes.jsonl`` and the model
     card beside its weights; returns the ``eval.json`` content."""
-    t = time.perf_counter()
-    load = functools.partial(_load_policy, str(path), cfg.device, cfg.dtype)
-    records = evaluate(
-        load,
-        {s: cfg.eval.episodes for s in EVAL_SETS[name]},
+    result = evaluation.evaluate_checkpoint(
+        path,
+        functools.partial(_load_policy, str(path), cfg.device, cfg.dtype),
+        EVAL_SETS[name],
+        TARGETS[name],
+        cfg.eval.episodes,
         seed=cfg.eval.seed,
         batch_size=cfg.eval.batch_size,
         workers=cfg.eval.workers,
+        policy=name,
+        data_hash=digest,
+        timings=timings,
     )
-    rates = summarize(records)
-    result = {
-        "policy": name,
-        "data_hash": digest,
-        "eval": {k: v.to_dict() for k, v in rates.items()},
-        "targets": targets_met(TARGETS[name], rates),
-        "timings": {**timings, "eval_s": round(time.perf_counter() - t, 1)},
-        "eval_seed": cfg.eval.seed,
-        "episodes_per_set": cfg.eval.episodes,
-    }
-    _write_json(path / "eval.json", result)
-    with (path / "eval_episodes.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
     (path / "README.md").write_text(model_card(name, cfg, result, data, params))
     return result
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 DESCRIPTIONS = {
@@ -274,12 +259,6 @@ DESCRIPTIONS = {
 
 
 def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: int) -> str:
-    rows = []
-    for key, r in result["eval"].items():
-        rate = Rate(r["k"], r["n"])
-        target = result["targets"].get(key)
-        mark = "" if target is None else f"{target['target']} ({'met' if target['met'] else 'NOT met'})"
-        rows.append(f"| {key} | {rate} | {mark} |")
     t = result["timings"]
     return f"""---
 library_name: transformers
@@ -302,7 +281,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 
 | metric | rate [95% CI] (k/n) | target |
 |---|---|---|
-{chr(10).join(rows)}
+{target_rows(result)}
 
 ## Training
 - Data: {len(data["image"])} scenes x {cfg.data.tasks_per_scene} instructions = {len(data["command"])} samples from the
@@ -324,12 +303,7 @@ from embodied import train_planner  # noqa: E402
 def main(cfg) -> None:
     """``embodied-train``: the default policy's recipe; ``--config-name planner``: the pretrained planner's."""
     config: TrainConfig | train_planner.PlannerTrainConfig = OmegaConf.to_object(cfg)
-    if config.out is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir) / "checkpoints"
-    else:
-        out = Path(config.out)
+    out = output_dir(config.out, "checkpoints")
     if isinstance(config, train_planner.PlannerTrainConfig):
         results = train_planner.train(config, out)
     else:

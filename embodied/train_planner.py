@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from embodied.evaluation import EVAL_SEED, evaluate, summarize
-from embodied.metrics import Rate, targets_met
-from embodied.train import DataConfig, seed_everything
+from embodied import evaluation
+from embodied.metrics import target_rows
+from embodied.train import DataConfig, EvalConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
 from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
@@ -59,15 +59,6 @@ class PlannerStage:
 
 
 @dataclass
-class PlannerEvalConfig:
-    episodes: int = 200
-    """Episodes per evaluation set (benign, harmful, vision)."""
-    seed: int = EVAL_SEED
-    workers: int = 2
-    batch_size: int = 16
-
-
-@dataclass
 class PlannerTrainConfig:
     name: str = "smol-planner"
     """The safety-tuned adapter's folder name; stage 1's is ``<name>-base``."""
@@ -82,7 +73,7 @@ class PlannerTrainConfig:
     safety: PlannerStage = field(default_factory=lambda: PlannerStage(steps=160, lr=5e-4, harmful_fraction=0.5))
     system_prompt: str = SYSTEM_PROMPT
     max_new_tokens: int = 24
-    eval: PlannerEvalConfig = field(default_factory=PlannerEvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = None
@@ -287,32 +278,21 @@ def evaluate_checkpoint(
     key: str, name: str, path: Path, cfg: PlannerTrainConfig, digest: str, timings: dict, data: dict, params: int
 ) -> dict:
     """Physics episodes of one adapter; writes ``eval.json``, ``eval_episodes.jsonl`` and the model card."""
-    from embodied.directions import write_json_atomic
-
-    t = time.perf_counter()
-    records = evaluate(
+    result = evaluation.evaluate_checkpoint(
+        path,
         functools.partial(_load, str(path), cfg.device, cfg.dtype),
-        {s: cfg.eval.episodes for s in EVAL_SETS[key]},
+        EVAL_SETS[key],
+        TARGETS[key],
+        cfg.eval.episodes,
         seed=cfg.eval.seed,
         batch_size=cfg.eval.batch_size,
         workers=cfg.eval.workers,
+        policy=name,
+        base=cfg.base,
+        data_hash=digest,
+        timings=timings,
+        trainable_params=params,
     )
-    rates = summarize(records)
-    result = {
-        "policy": name,
-        "base": cfg.base,
-        "data_hash": digest,
-        "eval": {k: v.to_dict() for k, v in rates.items()},
-        "targets": targets_met(TARGETS[key], rates),
-        "timings": {**timings, "eval_s": round(time.perf_counter() - t, 1)},
-        "eval_seed": cfg.eval.seed,
-        "episodes_per_set": cfg.eval.episodes,
-        "trainable_params": params,
-    }
-    write_json_atomic(path / "eval.json", result)
-    with (path / "eval_episodes.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
     (path / "README.md").write_text(model_card(key, name, cfg, result, data))
     return result
 
@@ -324,11 +304,6 @@ DESCRIPTIONS = {
 
 
 def model_card(key: str, name: str, cfg: PlannerTrainConfig, result: dict, data: dict) -> str:
-    rows = []
-    for metric, r in result["eval"].items():
-        target = result["targets"].get(metric)
-        mark = "" if target is None else f"{target['target']} ({'met' if target['met'] else 'NOT met'})"
-        rows.append(f"| {metric} | {Rate(r['k'], r['n'])} | {mark} |")
     t = result["timings"]
     return f"""---
 library_name: peft
@@ -353,7 +328,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 
 | metric | rate [95% CI] (k/n) | target |
 |---|---|---|
-{chr(10).join(rows)}
+{target_rows(result)}
 
 ## Training
 - Data: {len(data["scene_text"])} scenes x {cfg.data.tasks_per_scene} instructions = {len(data["command"])} samples from

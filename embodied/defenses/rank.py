@@ -30,6 +30,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from embodied.cli import output_dir
 from embodied.directions import SelectionConfig, mean_activations, write_json_atomic
 from embodied.evaluation import BENIGN, EVAL_SEED, HARMFUL
 from embodied.extract import PromptConfig, prompt_sets, strongest_direction
@@ -341,13 +342,7 @@ def run(cfg: RankConfig, out: Path) -> dict:
 @hydra.main(version_base="1.3", config_path=None, config_name="rank_schema")
 def main(cfg) -> None:
     config: RankConfig = OmegaConf.to_object(cfg)
-    if config.out is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir)
-    else:
-        out = Path(config.out)
-    run(config, out)
+    run(config, output_dir(config.out))
 
 
 if __name__ == "__main__":

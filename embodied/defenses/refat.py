@@ -49,6 +49,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import policies
+from embodied.cli import output_dir
 from embodied.directions import (
     CandidateScore,
     DirectionArtifact,
@@ -56,7 +57,7 @@ from embodied.directions import (
     select_direction,
     write_json_atomic,
 )
-from embodied.evaluation import EVAL_SEED, EVAL_SETS, run_episodes, summarize
+from embodied.evaluation import EVAL_SEED, EVAL_SETS, run_episodes, summarize, write_episodes
 from embodied.extract import DIRECTIONS_CACHE, PromptConfig, strongest_direction
 from embodied.interventions import ablate, basis, unit
 from embodied.metrics import Rate, targets_met
@@ -525,10 +526,7 @@ def evaluate_refat(path: Path, cfg: RefatConfig) -> dict:
         "episodes_per_set": ev.episodes,
     }
     write_json_atomic(path / "eval.json", result)
-    with (path / "eval_episodes.jsonl").open("w") as f:
-        for name in records:
-            for r in records[name]:
-                f.write(json.dumps(r) + "\n")
+    write_episodes(path / "eval_episodes.jsonl", (r for name in records for r in records[name]))
     (path / "README.md").write_text(model_card(cfg, result))
     return result
 
@@ -635,12 +633,7 @@ Directions:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="refat")
 def main(cfg) -> None:
     config: RefatConfig = OmegaConf.to_object(cfg)
-    if config.out is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir)
-    else:
-        out = Path(config.out)
+    out = output_dir(config.out)
     result = train_refat(config, out)
     from rich.console import Console
     from rich.table import Table

@@ -89,3 +89,16 @@ def test_targets_are_judged_against_measured_rates_only():
     assert set(out) == {"a", "b"}
     assert out["a"] == {"target": ">= 0.95", "value": 0.9, "met": False}
     assert out["b"]["met"] is True
+
+
+def test_target_rows_show_every_rate_and_mark_only_targeted_ones():
+    from embodied.metrics import Rate, target_rows, targets_met
+
+    rates = {"harmful_refusal": Rate(19, 20), "benign_unsafe": Rate(0, 20)}
+    result = {
+        "eval": {k: v.to_dict() for k, v in rates.items()},
+        "targets": targets_met({"harmful_refusal": (">=", 0.99)}, rates),
+    }
+    rows = target_rows(result).splitlines()
+    assert rows[0] == f"| harmful_refusal | {Rate(19, 20)} | >= 0.99 (NOT met) |"
+    assert rows[1] == f"| benign_unsafe | {Rate(0, 20)} |  |"
