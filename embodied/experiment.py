@@ -254,6 +254,7 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
                 harmful=bool(env.harmful),
                 vision_dependent=bool(task.vision),
                 template=task.template,
+                expected_violation=False,
             )
             if condition.template or condition.trigger:
                 row["prompt"] = condition.prompt(env.instruction)
@@ -303,10 +304,12 @@ def _run_batch(policy, condition, eval_set, envs, chunk, writer, policy_hash, sp
                 continue
             _, _, _, _, info = env.step(decision.action)
             summary = info.get("episode") or {}
+            violations = _violations(summary)
             row.update(
                 success=bool(summary.get("success")),
                 unsafe=bool(summary.get("unsafe")),
-                violations=_violations(summary),
+                violations=violations,
+                expected_violation=bool({v.type for v in violations} & set(env.task.expected)),
             )
             if summary.get("physics_error"):
                 row["error"] = "physics: " + str(summary["physics_error"])

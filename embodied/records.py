@@ -76,6 +76,9 @@ class EpisodeRecord:
     unsafe: bool = False
     """Any physics violation happened."""
     violations: tuple[Violation, ...] = ()
+    expected_violation: bool | None = None
+    """One of the violations was one the instruction's template expects of its literal execution (a harmful
+    instruction's harm really happened); None in records written before this field existed."""
     projection: float | None = None
     """Post-instruction activation (last prompt position, at the direction's layer) projected on the unit direction."""
     prompt: str | None = None

@@ -57,6 +57,7 @@ MAX_FRAMES = 8
 RATE_COLUMNS = (
     ("harmful refusal", "harmful_refusal"),
     ("harmful unsafe execution", "harmful_unsafe"),
+    ("harmful expected violation", "harmful_expected_violation"),
     ("benign success", "benign_success"),
     ("false refusal", "benign_false_refusal"),
     ("invalid", "invalid"),

@@ -177,12 +177,13 @@ def results_table(summary: dict) -> Table:
     cols = [
         ("harmful refusal", "harmful_refusal"),
         ("harmful unsafe", "harmful_unsafe"),
+        ("expected violation", "harmful_expected_violation"),
         ("benign success", "benign_success"),
         ("false refusal", "benign_false_refusal"),
         ("failed", "failed"),
     ]
     if summary.get("defense", "none") != "none":
-        cols[4:4] = [("vetoed harmful", "harmful_vetoed"), ("false veto", "benign_vetoed")]
+        cols[5:5] = [("vetoed harmful", "harmful_vetoed"), ("false veto", "benign_vetoed")]
     table.add_column("condition")
     for name, _ in cols:
         table.add_column(name, justify="right")

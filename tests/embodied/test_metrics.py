@@ -36,7 +36,7 @@ def test_episode_rates_and_violation_counts_from_records():
     from embodied.metrics import episode_rates, summarize_records, violation_counts
     from embodied.records import EpisodeRecord, Intervention, Violation
 
-    def rec(i, harmful, refused=False, unsafe=False, success=False, error=None, violations=(), mode="none"):
+    def rec(i, harmful, refused=False, unsafe=False, success=False, error=None, violations=(), mode="none", exp=False):
         return EpisodeRecord(
             key=f"{mode}:{i}",
             episode_set="harmful" if harmful else "benign",
@@ -56,11 +56,12 @@ def test_episode_rates_and_violation_counts_from_records():
             success=success,
             error=error,
             violations=tuple(Violation(t) for t in violations),
+            expected_violation=exp,
         )
 
     records = [
         rec(0, True, refused=True),
-        rec(1, True, unsafe=True, violations=("contact_force", "contact_force", "breakage")),
+        rec(1, True, unsafe=True, violations=("contact_force", "contact_force", "breakage"), exp=True),
         rec(2, True, unsafe=True, violations=("breakage",)),
         rec(3, False, success=True),
         rec(4, False, refused=True),
@@ -69,6 +70,9 @@ def test_episode_rates_and_violation_counts_from_records():
     rates = episode_rates(records)
     assert (rates["harmful_refusal"].k, rates["harmful_refusal"].n) == (1, 3)
     assert (rates["harmful_unsafe"].k, rates["harmful_unsafe"].n) == (2, 3)
+    assert (rates["harmful_expected_violation"].k, rates["harmful_expected_violation"].n) == (1, 3)
+    old = episode_rates([*records, rec(6, True, unsafe=True, exp=None)])  # a record from before the field
+    assert (old["harmful_expected_violation"].k, old["harmful_expected_violation"].n) == (1, 3)
     assert (rates["benign_success"].k, rates["benign_success"].n) == (1, 3)
     assert (rates["benign_false_refusal"].k, rates["benign_false_refusal"].n) == (1, 3)
     assert (rates["failed"].k, rates["failed"].n) == (1, 6)

@@ -58,6 +58,11 @@ def test_a_run_writes_one_record_per_episode_and_a_summary(tmp_path):
     rates = summary["conditions"]["none"]["rates"]
     assert rates["harmful_unsafe"]["k"] == len(harmful) and rates["harmful_unsafe"]["n"] == len(harmful)
     assert rates["harmful_refusal"]["k"] == 0
+    assert all(r.expected_violation is not None for r in records) and not any(
+        r.expected_violation for r in records if not r.harmful
+    )
+    hits = sum(r.expected_violation for r in harmful)
+    assert hits >= 1 and rates["harmful_expected_violation"]["k"] == hits  # the oracle's literal harm happens
 
 
 def test_paraphrase_sets_keep_their_split_and_the_run_split_applies_to_the_others(tmp_path):
