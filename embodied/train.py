@@ -105,6 +105,10 @@ class TrainConfig:
     probe_layer: int | None = None
     """Decoder layer whose output the probes read (None: the middle one, ``arch.text_layers // 2``)."""
     probe_weight: float = 1.0
+    subject_probe: bool = False
+    """With ``probes``, also train a probe at the decision position (the last prompt token) to name the object
+    the literal command acts on (``policies.tiny_vla.auxiliary.command_subject``); the committed checkpoints were
+    trained without it."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -189,6 +193,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             image_id,
             cfg.probe_weight,
             containers=cfg.data.containers,
+            subject=cfg.subject_probe,
         )
 
     camera = TabletopConfig().camera

@@ -6,6 +6,11 @@ object is; these probes teach them *what* it is (its colour and kind) and *wheth
 command's target, or its goal). Each is a linear head on the residual stream of the image tokens at one decoder
 layer (the middle one by default, so the layers above can read what it marks), trained with the model and thrown
 away afterwards: the saved checkpoint is the stock ``LlavaForConditionalGeneration``, unchanged in shape.
+
+Optionally (``subject``) a third head reads the decision position (the last prompt token, where the answer starts)
+at the same layer and names the object the command acts on, so that the answer's position has to gather what the
+named object is: the vision-dependent category turns on it ("hand the red object to the child" is harmful when the
+red object is a knife).
 """
 
 from __future__ import annotations
@@ -67,21 +72,48 @@ def patch_roles(command: str, image_size: int, patch_size: int) -> np.ndarray:
     return out
 
 
-class AuxiliaryHeads(nn.Module):
-    """Linear identity and role heads on the image tokens' residual stream after decoder layer ``layer``."""
+def command_subject(command: str, identities: np.ndarray, image_size: int, patch_size: int) -> int:
+    """The identity class (:func:`patch_identities` of the scene, ``identities``) at the literal command's target
+    pixel: the object it acts on; 0 (``none``) for a refusal or a target with no object (``move``)."""
+    words = str(command).split()
+    if not words or words[0] == "refuse":
+        return 0
+    return int(identities[_patch(int(words[1]), int(words[2]), image_size, patch_size)])
 
-    def __init__(self, hidden: int, classes: int, layer: int) -> None:
+
+class AuxiliaryHeads(nn.Module):
+    """Linear identity and role heads on the image tokens' residual stream after decoder layer ``layer``, and
+    with ``subject`` a head on the decision position's residual stream there."""
+
+    def __init__(self, hidden: int, classes: int, layer: int, subject: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.identity = nn.Linear(hidden, classes)
         self.role = nn.Linear(hidden, len(ROLES))
+        self.subject = nn.Linear(hidden, classes) if subject else None
 
-    def loss(self, hidden_states, image_mask: torch.Tensor, identity: torch.Tensor, role: torch.Tensor):
-        """Mean cross-entropy of both heads. ``hidden_states``: the model's (embeddings first); ``image_mask``
-        (B, T) marks the image tokens, ``identity`` / ``role`` (B, patches) their labels."""
+    def loss(
+        self,
+        hidden_states,
+        image_mask: torch.Tensor,
+        identity: torch.Tensor,
+        role: torch.Tensor,
+        subject: torch.Tensor | None = None,
+        decision: torch.Tensor | None = None,
+    ):
+        """Sum of the heads' mean cross-entropies. ``hidden_states``: the model's (embeddings first);
+        ``image_mask`` (B, T) marks the image tokens, ``identity`` / ``role`` (B, patches) their labels;
+        ``subject`` (B,) the command's object class and ``decision`` (B,) the position it is read at (both needed
+        when the heads have a subject head)."""
         h = hidden_states[self.layer][image_mask].view(*identity.shape, -1)
         ce = nn.functional.cross_entropy
-        return ce(self.identity(h).flatten(0, 1), identity.flatten()) + ce(self.role(h).flatten(0, 1), role.flatten())
+        loss = ce(self.identity(h).flatten(0, 1), identity.flatten()) + ce(self.role(h).flatten(0, 1), role.flatten())
+        if self.subject is not None:
+            if subject is None or decision is None:
+                raise ValueError("heads with a subject head need the subject labels and the decision positions")
+            rows = torch.arange(len(decision), device=decision.device)
+            loss = loss + ce(self.subject(hidden_states[self.layer][rows, decision]), subject)
+        return loss
 
 
 @dataclass
@@ -95,6 +127,9 @@ class Auxiliary:
     """(examples, patches) role indices (:func:`patch_roles`)."""
     image_token_id: int
     weight: float = 1.0
+    subject: torch.Tensor | None = None
+    """(examples,) the class of the object each literal command acts on (:func:`command_subject`); None: no
+    subject head."""
 
 
 def build_auxiliary(
@@ -106,17 +141,25 @@ def build_auxiliary(
     image_token_id: int,
     weight: float = 1.0,
     containers: bool = False,
+    subject: bool = False,
 ) -> Auxiliary:
     """Probes and labels for generated data (``policies.tiny_vla.data.generate``): identities from each scene's
-    objects, roles from each sample's literal command (kept for harmful samples too: safety tuning still has to
-    know what it refuses to touch)."""
+    objects, roles (and with ``subject`` the object acted on) from each sample's literal command, kept for harmful
+    samples too: safety tuning still has to know what it refuses to touch."""
     classes = object_classes(containers)
     per_scene = np.stack([patch_identities(o, image_size, patch_size, classes) for o in data["objects"]])
+    identity = per_scene[np.asarray(data["scene"])]
     roles = np.stack([patch_roles(c, image_size, patch_size) for c in data["command"]])
+    subjects = None
+    if subject:
+        subjects = torch.as_tensor(
+            [command_subject(c, ids, image_size, patch_size) for c, ids in zip(data["command"], identity, strict=True)]
+        )
     return Auxiliary(
-        heads=AuxiliaryHeads(hidden, len(classes), layer),
-        identity=torch.as_tensor(per_scene[np.asarray(data["scene"])]),
+        heads=AuxiliaryHeads(hidden, len(classes), layer, subject=subject),
+        identity=torch.as_tensor(identity),
         role=torch.as_tensor(roles),
         image_token_id=image_token_id,
         weight=weight,
+        subject=subjects,
     )

@@ -58,6 +58,8 @@ class Examples:
     unk_id: int
     group: torch.Tensor | None = None
     """Per example, the index of its group (``StageConfig.balance``); None: one group."""
+    prompt_lengths: torch.Tensor | None = None
+    """Per example, the prompt's token count: the answer starts at this index."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -105,12 +107,13 @@ def tokenize(processor, instructions, targets, image_index, harmful, patch_label
     image_tokens = processor.image_token * _image_tokens(processor)
     keep = set(tok.all_special_ids) | set(tok.convert_tokens_to_ids(sorted(slot_words())))
     image_id = tok.convert_tokens_to_ids(processor.image_token)
-    rows, labels = [], []
+    rows, labels, prompt_lengths = [], [], []
     for i, (instruction, target) in enumerate(zip(instructions, targets, strict=True)):
         text = prompt_text(processor, str(instruction)).replace(processor.image_token, image_tokens)
         p = tok(text, add_special_tokens=False)["input_ids"]
         t = tok(" " + str(target), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(p + t)
+        prompt_lengths.append(len(p))
         label = [IGNORE] * len(p) + t
         if patch_labels is not None:
             positions = [k for k, x in enumerate(p) if x == image_id]
@@ -137,6 +140,7 @@ def tokenize(processor, instructions, targets, image_index, harmful, patch_label
         droppable=droppable,
         unk_id=tok.unk_token_id,
         group=None if groups is None else torch.as_tensor(np.unique(np.asarray(groups), return_inverse=True)[1]),
+        prompt_lengths=torch.tensor(prompt_lengths),
     )
 
 
@@ -272,11 +276,14 @@ def train_stage(
             )
             loss = out.loss
             if auxiliary is not None:
+                subject = None if auxiliary.subject is None else auxiliary.subject[idx].to(device)
                 aux = auxiliary.heads.loss(
                     out.hidden_states,
                     ids == auxiliary.image_token_id,
                     auxiliary.identity[idx].to(device),
                     auxiliary.role[idx].to(device),
+                    subject,
+                    (examples.prompt_lengths[idx] - 1).to(device),
                 )
                 running_aux.append(aux.item())
                 loss = loss + auxiliary.weight * aux

@@ -7,6 +7,7 @@ import torch
 from policies.tiny_vla.auxiliary import (
     ROLES,
     build_auxiliary,
+    command_subject,
     object_classes,
     patch_identities,
     patch_roles,
@@ -39,6 +40,15 @@ def test_roles_mark_target_and_goal_patches_of_the_command():
     assert not patch_roles("refuse", 64, 8).any()
     same_patch = patch_roles("push 30 30 to 31 29 h 3 speed 2", 64, 8)
     assert ROLES[same_patch[3 * 8 + 3]] == "target" and (same_patch > 0).sum() == 1
+
+
+def test_subject_is_the_object_at_the_commands_target_pixel():
+    classes = object_classes()
+    ids = patch_identities("red knife 12 40 ; blue ball 50 10", 64, 8, classes)
+    assert classes[command_subject("handover 12 40 to 55 31 h 2 speed 2", ids, 64, 8)] == "red knife"
+    assert classes[command_subject("pick_place 50 10 to 12 40 h 1 speed 1", ids, 64, 8)] == "blue ball"
+    assert command_subject("move 30 30 h 9 speed 7", ids, 64, 8) == 0  # no object there
+    assert command_subject("refuse", ids, 64, 8) == 0
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +94,39 @@ def test_containers_are_opt_in_identity_classes_listed_with_the_scene_objects():
         assert classes.index(container) in patch_identities(listed, 64, 8, classes)
     finally:
         env.close()
+
+
+def test_subject_probe_reads_the_decision_position_and_learns(data):
+    processor = build_processor(ARCH.image_size, ARCH.patch_size)
+    torch.manual_seed(0)
+    model = build_model(ARCH, processor.tokenizer)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    aux = build_auxiliary(data, ARCH.image_size, ARCH.patch_size, ARCH.text_hidden, 1, image_id, subject=True)
+    classes = object_classes()
+    expected = [
+        command_subject(c, patch_identities(data["objects"][s], ARCH.image_size, ARCH.patch_size, classes), 64, 8)
+        for c, s in zip(data["command"], data["scene"], strict=True)
+    ]
+    assert aux.subject.tolist() == expected and any(expected)
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "capability"), data["scene"], data["harmful"])
+    first_target = [int((row != -100).nonzero()[0]) for row in ex.labels]
+    assert ex.prompt_lengths.tolist() == first_target  # the answer starts right after the prompt
+
+    # the subject head reads the decision position: changing the hidden state there changes its loss, elsewhere not
+    idx = torch.arange(4)
+    hidden = [torch.randn(4, int(ex.lengths[:4].max()), ARCH.text_hidden) for _ in range(ARCH.text_layers + 1)]
+    mask = ex.input_ids[idx, : hidden[0].shape[1]] == image_id
+    args = (mask, aux.identity[idx], aux.role[idx], aux.subject[idx], ex.prompt_lengths[idx] - 1)
+    base = aux.heads.loss(hidden, *args)
+    moved = [h.clone() for h in hidden]
+    moved[1][0, int(ex.prompt_lengths[0]) - 1] += 5.0
+    assert not torch.isclose(aux.heads.loss(moved, *args), base)
+    moved = [h.clone() for h in hidden]
+    moved[1][0, int(ex.prompt_lengths[0])] += 5.0  # the first answer token: not read
+    assert torch.isclose(aux.heads.loss(moved, *args), base)
+    with pytest.raises(ValueError, match="subject labels"):
+        aux.heads.loss(hidden, *args[:3])
+
+    cfg = StageConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, log_every=5)
+    rows = train_stage(model, ex, pixel_values(processor, data["image"]), cfg, 0, progress=False, auxiliary=aux)
+    assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
