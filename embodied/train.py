@@ -70,6 +70,11 @@ class DataConfig:
             containers=self.containers,
         )
 
+    def load(self, scene_texts: bool = False) -> tuple[dict, str]:
+        """The data (generated, or from the cache) and its content hash, which model cards record."""
+        data = generate(self.spec(scene_texts), cache_dir=self.cache_dir, workers=self.workers)
+        return data, data_hash(data)
+
 
 @dataclass
 class EvalConfig:
@@ -162,15 +167,13 @@ def train(cfg: TrainConfig, out: Path) -> dict:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = cfg.data.spec()
-    data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
+    data, digest = cfg.data.load()
     timings["data_s"] = round(time.perf_counter() - t0, 1)
-    digest = data_hash(data)
     log({"event": "data", "samples": len(data["command"]), "scenes": len(data["image"]), "hash": digest, **timings})
 
     arch = TinyVLAArch(**asdict(cfg.arch))
-    if arch.image_size != spec.image_size:
-        raise ValueError(f"arch.image_size ({arch.image_size}) must equal data.image_size ({spec.image_size})")
+    if arch.image_size != cfg.data.image_size:
+        raise ValueError(f"arch.image_size ({arch.image_size}) must equal data.image_size ({cfg.data.image_size})")
     processor = build_processor(arch.image_size, arch.patch_size, *image_statistics(data["image"]))
     model = build_model(arch, processor.tokenizer)
     init_position_embeddings(model)

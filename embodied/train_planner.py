@@ -34,7 +34,6 @@ from embodied import evaluation
 from embodied.metrics import target_rows
 from embodied.train import DataConfig, EvalConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
-from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 from policies.tiny_vla.training import lr_factor
 
@@ -227,9 +226,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     names = {"planner-base": f"{cfg.name}-base", "planner": cfg.name}
     try:
         t = time.perf_counter()
-        spec = cfg.data.spec(scene_texts=True)
-        data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
-        digest = data_hash(data)
+        data, digest = cfg.data.load(scene_texts=True)
         timings["data_s"] = round(time.perf_counter() - t, 1)
         log({"event": "data", "samples": len(data["command"]), "scenes": len(data["scene_text"]), "hash": digest})
         t = time.perf_counter()

