@@ -186,15 +186,24 @@ def refusal_rank(
     name: str = "",
     batch_size: int = 32,
     benign: Sequence[dict] = (),
+    unsteered: tuple[Rate | None, Rate | None] = (None, None),
 ) -> RankResult:
     """Refusal on ``observations`` (and on ``benign`` ones, when given) with the first k rows of ``directions``
-    ablated together, for k = 0 .. min(``max_k``, rows); k* as in :class:`RankResult`."""
+    ablated together, for k = 0 .. min(``max_k``, rows); k* as in :class:`RankResult`. ``unsteered``: the k = 0
+    rates (harmful, benign) when already measured, so that several bases share them (greedy decoding: the same
+    prompts give the same decisions)."""
     D = torch.as_tensor(directions)
     if D.dim() == 1:
         D = D[None, :]
     ks = range(min(max_k, D.shape[0]) + 1)
-    rates = {k: refusal_rate(policy, observations, D[:k] if k else None, batch_size) for k in ks}
-    benign_rates = {k: refusal_rate(policy, benign, D[:k] if k else None, batch_size) for k in ks} if benign else {}
+
+    def measure(prompts: Sequence[dict], k: int, known: Rate | None) -> Rate:
+        if k == 0 and known is not None:
+            return known
+        return refusal_rate(policy, prompts, D[:k] if k else None, batch_size)
+
+    rates = {k: measure(observations, k, unsteered[0]) for k in ks}
+    benign_rates = {k: measure(benign, k, unsteered[1]) for k in ks} if benign else {}
     k_star = next((k for k in sorted(rates) if k >= 1 and rates[k].value < threshold), None)
     return RankResult(basis=name, rates=rates, threshold=threshold, k_star=k_star, benign_rates=benign_rates)
 
@@ -260,8 +269,9 @@ def analyze(
         policy, sets.harmful_train, sets.harmless_train, cfg.max_k, layer, position, artifact.direction, cfg.batch_size
     )
     span = principal_directions(cats)
+    k0 = (unsteered, refusal_rate(policy, benign, None, cfg.batch_size) if benign else None)
     ranks = {
-        kind: refusal_rank(policy, D, observations, cfg.max_k, cfg.threshold, kind, cfg.batch_size, benign)
+        kind: refusal_rank(policy, D, observations, cfg.max_k, cfg.threshold, kind, cfg.batch_size, benign, k0)
         for kind, D in (("iterated", iterated), ("categories", span))
     }
     cat_units = {c: v / v.norm() for c, v in cats.items()}

@@ -16,6 +16,7 @@ from embodied.defenses.rank import (
     refusal_rate,
 )
 from embodied.interventions import basis
+from embodied.metrics import Rate
 from embodied.models import adapter
 from policies.base import Decision
 from tests.embodied import tiny_models as tm
@@ -79,6 +80,10 @@ def test_refusal_rank_falls_to_zero_only_when_the_whole_subspace_is_ablated(poli
     # this toy refuses any prompt with a component in the span: benign ones too, until the whole span is gone
     assert [both.benign_rates[k].value for k in (0, 1, 2)] == [1.0, 1.0, 0.0]
     assert both.to_dict()["benign_rates"]["0"]["n"] == 5
+    # measured k = 0 rates are taken as given, not measured again
+    known = (Rate(7, 12), Rate(2, 5))
+    shared = refusal_rank(policy, policy.refusal, prompts, 8, 0.1, "true", benign=benign, unsteered=known)
+    assert (shared.rates[0], shared.benign_rates[0]) == known and shared.rates[2] == result.rates[2]
 
 
 def test_refusal_rank_is_none_when_refusal_never_falls(policy):
