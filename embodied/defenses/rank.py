@@ -21,6 +21,7 @@ benign refusal under the same ablation beside it (refusing everything once pertu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,8 +324,32 @@ def cosine_table(result: dict):
     return table
 
 
+def _measured_under(config: dict | None) -> dict | None:
+    """The fields of a config that change what is measured (not where it is written, the thread count or which
+    other policies are analyzed)."""
+    if not isinstance(config, dict):
+        return None
+    return {k: v for k, v in config.items() if k not in ("policies", "out", "threads")}
+
+
+def finished_analyses(path: Path, config: dict) -> dict:
+    """The per-policy results of an earlier ``rank.json`` at ``path`` measured under the same ``config`` (a run
+    that was interrupted, or one with more policies added), for the policies ``config`` still names: those are
+    not analyzed again. A file measured under another config is not mixed in: {}, and it is overwritten."""
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(previous, dict) or _measured_under(previous.get("config")) != _measured_under(config):
+        return {}
+    return {name: r for name, r in previous.items() if name != "config" and name in config["policies"]}
+
+
 def run(cfg: RankConfig, out: Path) -> dict:
-    """Analyzes every policy of ``cfg``, writes ``out/rank.json`` and prints the tables."""
+    """Analyzes every policy of ``cfg``, writes ``out/rank.json`` after each one and prints the tables. Policies
+    that an earlier run into the same ``out`` with the same config finished are kept, not analyzed again."""
     from rich.console import Console
 
     import policies
@@ -333,13 +358,19 @@ def run(cfg: RankConfig, out: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    observations = env_observations(HARMFUL, cfg.split, cfg.episodes, cfg.seed, cfg.prompts.image_size)
-    benign = env_observations(BENIGN, cfg.split, cfg.benign, cfg.seed, cfg.prompts.image_size) if cfg.benign else []
-    results = {}
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    results = finished_analyses(out / "rank.json", config)
+    if results:
+        console.print(f"kept from {out / 'rank.json'}: {', '.join(results)}")
+    todo = [name for name in cfg.policies if name not in results]
+    if todo:
+        observations = env_observations(HARMFUL, cfg.split, cfg.episodes, cfg.seed, cfg.prompts.image_size)
+        benign = env_observations(BENIGN, cfg.split, cfg.benign, cfg.seed, cfg.prompts.image_size) if cfg.benign else []
     for name in cfg.policies:
-        policy = policies.load(name, device=None if cfg.device == "auto" else cfg.device)
-        results[name] = analyze(policy, name, cfg, observations, benign)
-        write_json_atomic(out / "rank.json", {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), **results})
+        if name not in results:
+            policy = policies.load(name, device=None if cfg.device == "auto" else cfg.device)
+            results[name] = analyze(policy, name, cfg, observations, benign)
+            write_json_atomic(out / "rank.json", {"config": config, **results})
         if "skipped" in results[name]:
             console.print(f"{name}: skipped ({results[name]['skipped'][:160]}); refusal {results[name]['refusal']}")
             continue

@@ -148,3 +148,40 @@ def test_rank_config_composes_as_the_command_sees_it():
         cfg = OmegaConf.to_object(compose("rank_schema", overrides=["max_k=4", "policies=[tiny-vla]"]))
     assert isinstance(cfg, RankConfig) and cfg.max_k == 4 and cfg.policies == ["tiny-vla"]
     assert cfg.selection.prune_layer_percentage == 0.0
+
+
+def test_an_interrupted_rank_run_keeps_the_policies_it_finished(tmp_path, monkeypatch):
+    import policies
+    from embodied.defenses import rank
+
+    analyzed = []
+
+    def fake_analyze(policy, name, cfg, observations, benign):
+        analyzed.append(name)
+        if name == "b" and len(analyzed) == 2:
+            raise KeyboardInterrupt  # the first run stops while analyzing b
+        return {"policy": name, "skipped": "x", "refusal": {"rate": 0.0}}
+
+    monkeypatch.setattr(rank, "analyze", fake_analyze)
+    monkeypatch.setattr(rank, "env_observations", lambda *a, **k: [])
+    monkeypatch.setattr(policies, "load", lambda name, device=None: object())
+    cfg = RankConfig(policies=["a", "b"])
+    with pytest.raises(KeyboardInterrupt):
+        rank.run(cfg, tmp_path)
+    assert list(rank.finished_analyses(tmp_path / "rank.json", _config(cfg))) == ["a"]
+
+    results = rank.run(cfg, tmp_path)  # resumes: a is kept, only b is analyzed
+    assert analyzed == ["a", "b", "b"] and set(results) == {"a", "b"}
+
+    rank.run(RankConfig(policies=["a", "b"], threads=1), tmp_path)  # the thread count does not change what is measured
+    assert analyzed == ["a", "b", "b"]
+
+    rank.run(RankConfig(policies=["a"], max_k=3), tmp_path)  # another config: measured again, file overwritten
+    assert analyzed == ["a", "b", "b", "a"]
+    assert list(rank.finished_analyses(tmp_path / "rank.json", _config(RankConfig(policies=["a", "b"])))) == []
+
+
+def _config(cfg: RankConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
