@@ -382,14 +382,9 @@ class DirectionArtifact:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes ``direction.safetensors`` and ``direction.json`` into ``path`` (atomically, each)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {"direction": self.direction.float().contiguous(), "vector": self.vector.float().contiguous()}
+        tensors = {"direction": self.direction.float(), "vector": self.vector.float()}
         if self.candidates is not None:
-            tensors["candidates"] = self.candidates.float().contiguous()
-        tmp = path / f".{ARTIFACT_WEIGHTS}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / ARTIFACT_WEIGHTS)
+            tensors["candidates"] = self.candidates.float()
         meta = {
             "layer": self.layer,
             "position": self.position,
@@ -400,27 +395,12 @@ class DirectionArtifact:
             "config": self.config,
             "scores": [asdict(s) for s in self.scores],
         }
-        write_json_atomic(path / ARTIFACT_META, meta)
-        return path
+        return save_artifact(Path(path), tensors, ARTIFACT_WEIGHTS, meta, ARTIFACT_META)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> DirectionArtifact:
         """The artifact at ``path``; with ``model``, checks that it was extracted from exactly these weights."""
-        path = Path(path)
-        meta_path, weights_path = path / ARTIFACT_META, path / ARTIFACT_WEIGHTS
-        if not meta_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(
-                f"no direction artifact at {path} (expected {ARTIFACT_META} and {ARTIFACT_WEIGHTS})"
-            )
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
-        if model is not None:
-            actual = weights_hash(model)
-            if actual != meta["model_hash"]:
-                raise ValueError(
-                    f"direction at {path} was extracted from weights {meta['model_hash'][:12]} "
-                    f"({meta['model_name']}), not from the given model ({actual[:12]}): re-extract it for this model"
-                )
+        meta, tensors = load_artifact(Path(path), ARTIFACT_WEIGHTS, ARTIFACT_META, "direction artifact", model)
         return cls(
             direction=tensors["direction"],
             vector=tensors["vector"],
@@ -469,6 +449,36 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_artifact(path: Path, tensors: dict[str, torch.Tensor], weights_name: str, meta: dict, meta_name: str) -> Path:
+    """Writes ``tensors`` as safetensors and ``meta`` as JSON into the folder ``path`` (atomically, each)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{weights_name}.tmp"
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+    os.replace(tmp, path / weights_name)
+    write_json_atomic(path / meta_name, meta)
+    return path
+
+
+def load_artifact(
+    path: Path, weights_name: str, meta_name: str, what: str, model: torch.nn.Module | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of what :func:`save_artifact` wrote into ``path``, safetensors only. With ``model``, checks
+    that the artifact's ``model_hash`` is that of exactly these weights; ``what`` names the artifact in errors
+    (e.g. "direction", "harm probe")."""
+    meta_path, weights_path = path / meta_name, path / weights_name
+    if not meta_path.exists() or not weights_path.exists():
+        raise FileNotFoundError(f"no {what} at {path} (expected {meta_name} and {weights_name})")
+    meta = json.loads(meta_path.read_text())
+    if model is not None:
+        actual = weights_hash(model)
+        if actual != meta["model_hash"]:
+            raise ValueError(
+                f"{what} at {path} was made from weights {meta['model_hash'][:12]} ({meta.get('model_name', '')}), "
+                f"not from the given model ({actual[:12]}): make it again for this model"
+            )
+    return meta, load_file(str(weights_path))
 
 
 @dataclass(frozen=True)

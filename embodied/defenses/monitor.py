@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from embodied.directions import Steerable, _batches, _model_inputs, data_hash, write_json_atomic
+from embodied.directions import Steerable, _batches, _model_inputs, data_hash, load_artifact, save_artifact
 from embodied.models import adapter, weights_hash
 
 PROBE_WEIGHTS = "probe.safetensors"
@@ -484,16 +483,8 @@ class HarmProbe:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes ``probe.safetensors`` and ``probe.json`` into ``path`` (atomically, each)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "weight": self.weight.to(torch.float64).contiguous(),
-            "mean": self.mean.to(torch.float64).contiguous(),
-            "scale": self.scale.to(torch.float64).contiguous(),
-        }
-        tmp = path / f".{PROBE_WEIGHTS}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / PROBE_WEIGHTS)
+        tensors = {"weight": self.weight, "mean": self.mean, "scale": self.scale}
+        tensors = {name: t.to(torch.float64) for name, t in tensors.items()}
         meta = {
             "bias": self.bias,
             "layer": self.layer,
@@ -508,25 +499,12 @@ class HarmProbe:
             "data": self.data,
             "config": self.config,
         }
-        write_json_atomic(path / PROBE_META, meta)
-        return path
+        return save_artifact(Path(path), tensors, PROBE_WEIGHTS, meta, PROBE_META)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> HarmProbe:
         """The probe at ``path``; with ``model``, checks that it was fitted on exactly these weights."""
-        path = Path(path)
-        meta_path, weights_path = path / PROBE_META, path / PROBE_WEIGHTS
-        if not meta_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(f"no harm probe at {path} (expected {PROBE_META} and {PROBE_WEIGHTS})")
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
-        if model is not None:
-            actual = weights_hash(model)
-            if actual != meta["model_hash"]:
-                raise ValueError(
-                    f"harm probe at {path} was fitted on weights {meta['model_hash'][:12]} ({meta['model_name']}), "
-                    f"not on the given model ({actual[:12]}): fit it for this model"
-                )
+        meta, tensors = load_artifact(Path(path), PROBE_WEIGHTS, PROBE_META, "harm probe", model)
         return cls(
             weight=tensors["weight"],
             bias=float(meta["bias"]),
