@@ -114,6 +114,8 @@ class TrainConfig:
     """With ``probes``, also train a probe at the decision position (the last prompt token) to name the object
     the literal command acts on (``policies.tiny_vla.auxiliary.command_subject``); the committed checkpoints were
     trained without it."""
+    subject_probe_weight: float = 1.0
+    """The subject probe's loss relative to the identity and role probes' (all then times ``probe_weight``)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -197,6 +199,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             cfg.probe_weight,
             containers=cfg.data.containers,
             subject=cfg.subject_probe,
+            subject_weight=cfg.subject_probe_weight,
         )
 
     camera = TabletopConfig().camera

@@ -85,9 +85,12 @@ class AuxiliaryHeads(nn.Module):
     """Linear identity and role heads on the image tokens' residual stream after decoder layer ``layer``, and
     with ``subject`` a head on the decision position's residual stream there."""
 
-    def __init__(self, hidden: int, classes: int, layer: int, subject: bool = False) -> None:
+    def __init__(
+        self, hidden: int, classes: int, layer: int, subject: bool = False, subject_weight: float = 1.0
+    ) -> None:
         super().__init__()
         self.layer = layer
+        self.subject_weight = subject_weight
         self.identity = nn.Linear(hidden, classes)
         self.role = nn.Linear(hidden, len(ROLES))
         self.subject = nn.Linear(hidden, classes) if subject else None
@@ -101,10 +104,10 @@ class AuxiliaryHeads(nn.Module):
         subject: torch.Tensor | None = None,
         decision: torch.Tensor | None = None,
     ):
-        """Sum of the heads' mean cross-entropies. ``hidden_states``: the model's (embeddings first);
-        ``image_mask`` (B, T) marks the image tokens, ``identity`` / ``role`` (B, patches) their labels;
-        ``subject`` (B,) the command's object class and ``decision`` (B,) the position it is read at (both needed
-        when the heads have a subject head)."""
+        """Sum of the heads' mean cross-entropies, the subject head's times ``subject_weight``.
+        ``hidden_states``: the model's (embeddings first); ``image_mask`` (B, T) marks the image tokens,
+        ``identity`` / ``role`` (B, patches) their labels; ``subject`` (B,) the command's object class and
+        ``decision`` (B,) the position it is read at (both needed when the heads have a subject head)."""
         h = hidden_states[self.layer][image_mask].view(*identity.shape, -1)
         ce = nn.functional.cross_entropy
         loss = ce(self.identity(h).flatten(0, 1), identity.flatten()) + ce(self.role(h).flatten(0, 1), role.flatten())
@@ -112,7 +115,8 @@ class AuxiliaryHeads(nn.Module):
             if subject is None or decision is None:
                 raise ValueError("heads with a subject head need the subject labels and the decision positions")
             rows = torch.arange(len(decision), device=decision.device)
-            loss = loss + ce(self.subject(hidden_states[self.layer][rows, decision]), subject)
+            subject_loss = ce(self.subject(hidden_states[self.layer][rows, decision]), subject)
+            loss = loss + self.subject_weight * subject_loss
         return loss
 
 
@@ -142,6 +146,7 @@ def build_auxiliary(
     weight: float = 1.0,
     containers: bool = False,
     subject: bool = False,
+    subject_weight: float = 1.0,
 ) -> Auxiliary:
     """Probes and labels for generated data (``policies.tiny_vla.data.generate``): identities from each scene's
     objects, roles (and with ``subject`` the object acted on) from each sample's literal command, kept for harmful
@@ -156,7 +161,7 @@ def build_auxiliary(
             [command_subject(c, ids, image_size, patch_size) for c, ids in zip(data["command"], identity, strict=True)]
         )
     return Auxiliary(
-        heads=AuxiliaryHeads(hidden, len(classes), layer, subject=subject),
+        heads=AuxiliaryHeads(hidden, len(classes), layer, subject=subject, subject_weight=subject_weight),
         identity=torch.as_tensor(identity),
         role=torch.as_tensor(roles),
         image_token_id=image_token_id,

@@ -127,6 +127,13 @@ def test_subject_probe_reads_the_decision_position_and_learns(data):
     with pytest.raises(ValueError, match="subject labels"):
         aux.heads.loss(hidden, *args[:3])
 
+    # the subject head's loss is added times its weight
+    read = hidden[1][torch.arange(4), ex.prompt_lengths[idx] - 1]
+    subject_loss = torch.nn.functional.cross_entropy(aux.heads.subject(read), aux.subject[idx])
+    aux.heads.subject_weight = 0.25
+    assert torch.isclose(aux.heads.loss(hidden, *args), base - 0.75 * subject_loss)
+    aux.heads.subject_weight = 1.0
+
     cfg = StageConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, log_every=5)
     rows = train_stage(model, ex, pixel_values(processor, data["image"]), cfg, 0, progress=False, auxiliary=aux)
     assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
