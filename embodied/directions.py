@@ -400,7 +400,9 @@ class DirectionArtifact:
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> DirectionArtifact:
         """The artifact at ``path``; with ``model``, checks that it was extracted from exactly these weights."""
-        meta, tensors = load_artifact(Path(path), ARTIFACT_WEIGHTS, ARTIFACT_META, "direction artifact", model)
+        meta, tensors = load_artifact(
+            Path(path), ARTIFACT_WEIGHTS, ARTIFACT_META, "direction artifact", "re-extract it for this model", model
+        )
         return cls(
             direction=tensors["direction"],
             vector=tensors["vector"],
@@ -462,11 +464,11 @@ def save_artifact(path: Path, tensors: dict[str, torch.Tensor], weights_name: st
 
 
 def load_artifact(
-    path: Path, weights_name: str, meta_name: str, what: str, model: torch.nn.Module | None = None
+    path: Path, weights_name: str, meta_name: str, what: str, fix: str, model: torch.nn.Module | None = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of what :func:`save_artifact` wrote into ``path``, safetensors only. With ``model``, checks
     that the artifact's ``model_hash`` is that of exactly these weights; ``what`` names the artifact in errors
-    (e.g. "direction", "harm probe")."""
+    (e.g. "harm probe") and ``fix`` says what to do when the weights differ (e.g. "fit it for this model")."""
     meta_path, weights_path = path / meta_name, path / weights_name
     if not meta_path.exists() or not weights_path.exists():
         raise FileNotFoundError(f"no {what} at {path} (expected {meta_name} and {weights_name})")
@@ -476,7 +478,7 @@ def load_artifact(
         if actual != meta["model_hash"]:
             raise ValueError(
                 f"{what} at {path} was made from weights {meta['model_hash'][:12]} ({meta.get('model_name', '')}), "
-                f"not from the given model ({actual[:12]}): make it again for this model"
+                f"not from the given model ({actual[:12]}): {fix}"
             )
     return meta, load_file(str(weights_path))
 

@@ -504,7 +504,8 @@ class HarmProbe:
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> HarmProbe:
         """The probe at ``path``; with ``model``, checks that it was fitted on exactly these weights."""
-        meta, tensors = load_artifact(Path(path), PROBE_WEIGHTS, PROBE_META, "harm probe", model)
+        fix = "fit it for this model"
+        meta, tensors = load_artifact(Path(path), PROBE_WEIGHTS, PROBE_META, "harm probe", fix, model)
         return cls(
             weight=tensors["weight"],
             bias=float(meta["bias"]),

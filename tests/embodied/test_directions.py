@@ -142,7 +142,7 @@ def test_extraction_writes_an_artifact_that_checks_its_model(tmp_path):
     assert loaded.layer == artifact.layer and loaded.position == artifact.position
     torch.testing.assert_close(loaded.vector, artifact.vector)
     np.testing.assert_array_equal([s.bypass for s in loaded.scores], [s.bypass for s in artifact.scores])  # NaN too
-    with pytest.raises(ValueError, match="not from the given model"):
+    with pytest.raises(ValueError, match="not from the given model.*re-extract it for this model"):
         DirectionArtifact.load(tmp_path / "a", tm.build("qwen2", seed=1))
 
 

@@ -189,7 +189,7 @@ def test_probe_fit_saves_and_loads_and_checks_its_model(tmp_path):
     assert loaded.hash == probe.hash and loaded.val_auroc == probe.val_auroc
     acts = collect_activations(policy, data.val, [probe.position], [probe.layer])[:, 0, 0]
     np.testing.assert_array_equal(loaded.scores(acts), probe.scores(acts))
-    with pytest.raises(ValueError, match="not from the given model"):
+    with pytest.raises(ValueError, match="not from the given model.*fit it for this model"):
         HarmProbe.load(tmp_path / "p", tm.build("llama", seed=1))
     with pytest.raises(FileNotFoundError, match="no harm probe"):
         HarmProbe.load(tmp_path / "missing")
