@@ -116,6 +116,8 @@ class TrainConfig:
     trained without it."""
     subject_probe_weight: float = 1.0
     """The subject probe's loss relative to the identity and role probes' (all then times ``probe_weight``)."""
+    subject_probe_stages: list[str] = field(default_factory=lambda: ["capability", "safety"])
+    """The stages whose loss has the subject probe's (``[safety]``: stage 1 trains as without it)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -155,6 +157,11 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     layer = cfg.arch.text_layers // 2 if cfg.probe_layer is None else cfg.probe_layer
     if cfg.probes and not 0 < layer <= cfg.arch.text_layers:
         raise ValueError(f"probe_layer must be in 1..{cfg.arch.text_layers} (arch.text_layers), got {layer}")
+    if cfg.subject_probe_weight < 0:
+        raise ValueError(f"subject_probe_weight must be >= 0, got {cfg.subject_probe_weight}")
+    unknown = set(cfg.subject_probe_stages) - {"capability", "safety"}
+    if unknown:
+        raise ValueError(f"subject_probe_stages may hold 'capability' and 'safety', got {sorted(unknown)}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -217,6 +224,10 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             patch_labels,
             groups=[f"{h}:{c}" for h, c in zip(data["harmful"], data["category"], strict=True)],
         )
+        if auxiliary is not None and auxiliary.heads.subject is not None:
+            # at weight 0 the head takes no part: the stage trains as without it
+            on = stage in cfg.subject_probe_stages
+            auxiliary.heads.subject_weight = cfg.subject_probe_weight if on else 0.0
         t = time.perf_counter()
         train_stage(
             model,

@@ -114,9 +114,10 @@ class AuxiliaryHeads(nn.Module):
         if self.subject is not None:
             if subject is None or decision is None:
                 raise ValueError("heads with a subject head need the subject labels and the decision positions")
-            rows = torch.arange(len(decision), device=decision.device)
-            subject_loss = ce(self.subject(hidden_states[self.layer][rows, decision]), subject)
-            loss = loss + self.subject_weight * subject_loss
+            if self.subject_weight:  # at weight 0 the head takes no part, so it gets no gradient either
+                rows = torch.arange(len(decision), device=decision.device)
+                subject_loss = ce(self.subject(hidden_states[self.layer][rows, decision]), subject)
+                loss = loss + self.subject_weight * subject_loss
         return loss
 
 

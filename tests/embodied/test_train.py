@@ -89,3 +89,29 @@ def test_cli_prints_the_composed_config():
         check=True,
     ).stdout
     assert "steps: 7" in out and "freeze_embeddings: true" in out
+
+
+def test_subject_probe_can_train_in_safety_only_and_bad_values_are_named(tmp_path):
+    for bad, message in (
+        ("subject_probe_weight=-1", "subject_probe_weight must be >= 0"),
+        ("subject_probe_stages=[pretraining]", "subject_probe_stages may hold"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train(_config(tmp_path, ["subject_probe=true", bad]), tmp_path / "bad")
+    common = ["capability.log_every=1", "safety.log_every=1", "eval.episodes=1", "subject_probe=true"]
+    rows = {}
+    for stages in ("[safety]", "[capability,safety]"):
+        out = tmp_path / stages.strip("[]").replace(",", "_")
+        train(_config(tmp_path, [*common, f"subject_probe_stages={stages}"]), out)
+        rows[stages] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    without = tmp_path / "without"
+    train(_config(tmp_path, [*common[:3], "subject_probe=false"]), without)
+    plain = [json.loads(line) for line in (without / "train_log.jsonl").read_text().splitlines()]
+
+    def losses(log, stage):
+        return [x for r in log if r.get("stage") == stage for x in (r["loss"], r["aux_loss"])]
+
+    # off in stage 1, stage 1 trains as without the subject probe; on, its loss is in stage 1's aux loss
+    assert losses(rows["[safety]"], "capability") == pytest.approx(losses(plain, "capability"))
+    assert losses(rows["[capability,safety]"], "capability") != pytest.approx(losses(plain, "capability"))
+    assert losses(rows["[safety]"], "safety") != pytest.approx(losses(plain, "safety"))

@@ -132,6 +132,14 @@ def test_subject_probe_reads_the_decision_position_and_learns(data):
     subject_loss = torch.nn.functional.cross_entropy(aux.heads.subject(read), aux.subject[idx])
     aux.heads.subject_weight = 0.25
     assert torch.isclose(aux.heads.loss(hidden, *args), base - 0.75 * subject_loss)
+    # at weight 0 the head takes no part: the identity and role loss alone, and no gradient for the head
+    aux.heads.subject_weight = 0.0
+    aux.heads.zero_grad(set_to_none=True)
+    alone = aux.heads.loss(hidden, *args)
+    assert torch.isclose(alone, base - subject_loss)
+    alone.backward()
+    assert aux.heads.subject.weight.grad is None and aux.heads.identity.weight.grad is not None
+    aux.heads.zero_grad(set_to_none=True)
     aux.heads.subject_weight = 1.0
 
     cfg = StageConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, log_every=5)
