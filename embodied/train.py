@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import policies
 from embodied import evaluation
@@ -32,7 +33,7 @@ from embodied.metrics import target_rows
 from envs.tabletop import TabletopConfig
 from policies.tiny_vla.auxiliary import build_auxiliary
 from policies.tiny_vla.data import DataSpec, data_hash, generate
-from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
+from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, arch_of, build_model
 from policies.tiny_vla.policy import resolve_device, resolve_dtype, write_policy_file
 from policies.tiny_vla.processing_tiny_vla import build_processor, image_statistics
 from policies.tiny_vla.training import (
@@ -118,6 +119,10 @@ class TrainConfig:
     """The subject probe's loss relative to the identity and role probes' (all then times ``probe_weight``)."""
     subject_probe_stages: list[str] = field(default_factory=lambda: ["capability", "safety"])
     """The stages whose loss has the subject probe's (``[safety]``: stage 1 trains as without it)."""
+    base_checkpoint: str | None = None
+    """A written stage-1 checkpoint (``tiny-vla-base`` or a folder) to safety-tune instead of training stage 1:
+    only ``tiny-vla`` is written. Its probes start afresh (stage 1's are not saved), so the result is not the full
+    recipe's; ``arch`` must match the checkpoint's."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -183,9 +188,12 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     arch = TinyVLAArch(**asdict(cfg.arch))
     if arch.image_size != cfg.data.image_size:
         raise ValueError(f"arch.image_size ({arch.image_size}) must equal data.image_size ({cfg.data.image_size})")
-    processor = build_processor(arch.image_size, arch.patch_size, *image_statistics(data["image"]))
-    model = build_model(arch, processor.tokenizer)
-    init_position_embeddings(model)
+    if cfg.base_checkpoint is None:
+        processor = build_processor(arch.image_size, arch.patch_size, *image_statistics(data["image"]))
+        model = build_model(arch, processor.tokenizer)
+        init_position_embeddings(model)
+    else:
+        model, processor = load_stage_one(cfg.base_checkpoint, arch)
     model.to(device=device, dtype=dtype)
     pixels = pixel_values(processor, data["image"])
     patch_labels = None
@@ -211,10 +219,10 @@ def train(cfg: TrainConfig, out: Path) -> dict:
 
     camera = TabletopConfig().camera
     paths = {}
-    for name, stage, stage_cfg in (
-        ("tiny-vla-base", "capability", cfg.capability),
-        ("tiny-vla", "safety", cfg.safety),
-    ):
+    stages = [("tiny-vla-base", "capability", cfg.capability), ("tiny-vla", "safety", cfg.safety)]
+    if cfg.base_checkpoint is not None:
+        stages, timings["capability_s"] = stages[1:], 0.0
+    for name, stage, stage_cfg in stages:
         examples = tokenize(
             processor,
             data["instruction"],
@@ -254,6 +262,18 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     return {name: evaluate_checkpoint(name, path, cfg, digest, timings, data, params) for name, path in paths.items()}
 
 
+def load_stage_one(name_or_path: str, arch: TinyVLAArch):
+    """A written ``tiny-vla-base`` (a built-in name or a folder) and its processor, to safety-tune; a clear error
+    when its sizes are not ``arch``'s."""
+    path = policies.checkpoint_path(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    found = arch_of(model.config)
+    if found != arch:
+        wrong = " ".join(f"arch.{k}={v}" for k, v in asdict(found).items() if getattr(arch, k) != v)
+        raise ValueError(f"base_checkpoint {path} has other sizes than arch: pass {wrong}, or another checkpoint")
+    return model, AutoProcessor.from_pretrained(path, trust_remote_code=False)
+
+
 def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, timings: dict, data: dict, params: int):
     """Evaluates one written checkpoint in physics and writes ``eval.json``, ``eval_episodes.jsonl`` and the model
     card beside its weights; returns the ``eval.json`` content."""
@@ -282,6 +302,9 @@ DESCRIPTIONS = {
 
 def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: int) -> str:
     t = result["timings"]
+    stage_one = ""
+    if cfg.base_checkpoint is not None:
+        stage_one = f"- Stage 1 not trained here: safety-tuned from `{cfg.base_checkpoint}` (probes start afresh).\n"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -308,7 +331,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 ## Training
 - Data: {len(data["image"])} scenes x {cfg.data.tasks_per_scene} instructions = {len(data["command"])} samples from the
   train split (seed {cfg.data.seed}); data hash `{result["data_hash"]}`.
-- Time on this machine: data {t["data_s"]} s, capability {t["capability_s"]} s, safety {t["safety_s"]} s
+{stage_one}- Time on this machine: data {t["data_s"]} s, capability {t["capability_s"]} s, safety {t["safety_s"]} s
   (training {t["train_s"]} s), evaluation {t["eval_s"]} s.
 
 ```yaml

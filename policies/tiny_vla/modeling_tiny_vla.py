@@ -65,3 +65,19 @@ def build_config(arch: TinyVLAArch, tokenizer) -> LlavaConfig:
 
 def build_model(arch: TinyVLAArch, tokenizer) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(build_config(arch, tokenizer))
+
+
+def arch_of(config: LlavaConfig) -> TinyVLAArch:
+    """The sizes a checkpoint's config was built from (the inverse of :func:`build_config`)."""
+    vision, text = config.vision_config, config.text_config
+    return TinyVLAArch(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_hidden=vision.hidden_size,
+        vision_layers=vision.num_hidden_layers,
+        text_hidden=text.hidden_size,
+        text_layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        mlp_ratio=text.intermediate_size // text.hidden_size,
+        vision_feature_layer=config.vision_feature_layer,
+    )

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -115,3 +116,22 @@ def test_subject_probe_can_train_in_safety_only_and_bad_values_are_named(tmp_pat
     assert losses(rows["[safety]"], "capability") == pytest.approx(losses(plain, "capability"))
     assert losses(rows["[capability,safety]"], "capability") != pytest.approx(losses(plain, "capability"))
     assert losses(rows["[safety]"], "safety") != pytest.approx(losses(plain, "safety"))
+
+
+def test_safety_tuning_from_a_written_base_checkpoint(tmp_path):
+    first = _config(tmp_path, ["probes=false"])
+    train(first, tmp_path / "full")
+    base = tmp_path / "full" / "tiny-vla-base"
+    cfg = _config(tmp_path, ["probes=false", f"base_checkpoint={base}"])
+    results = train(cfg, tmp_path / "resumed")
+    assert set(results) == {"tiny-vla"} and not (tmp_path / "resumed" / "tiny-vla-base").exists()
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log if "stage" in r] == ["safety"]
+    assert f"safety-tuned from `{base}`" in (tmp_path / "resumed" / "tiny-vla" / "README.md").read_text()
+    # the same safety stage on the same weights: the same model as the full recipe's
+    full = AutoModelForImageTextToText.from_pretrained(tmp_path / "full" / "tiny-vla")
+    resumed = AutoModelForImageTextToText.from_pretrained(tmp_path / "resumed" / "tiny-vla")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    with pytest.raises(ValueError, match="arch.text_layers"):
+        train(_config(tmp_path, ["probes=false", f"base_checkpoint={base}", "arch.text_layers=3"]), tmp_path / "bad")
