@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -312,3 +312,20 @@ def train_stage(
         embeddings.weight.requires_grad_(True)
         model.eval()
     return rows
+
+
+def fit_probes(
+    model, examples: Examples, pixels: torch.Tensor, cfg: StageConfig, seed: int, auxiliary: Auxiliary, **kwargs
+) -> list[dict]:
+    """:func:`train_stage` with the model frozen: only the probes learn (fresh probes on a trained model, before a
+    stage that trains both, so that their first gradients carry what the model already holds, not noise)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        return train_stage(
+            model, examples, pixels, replace(cfg, freeze_embeddings=True), seed, auxiliary=auxiliary, **kwargs
+        )
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

@@ -15,7 +15,14 @@ from policies.tiny_vla.auxiliary import (
 from policies.tiny_vla.data import DataSpec, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
 from policies.tiny_vla.processing_tiny_vla import build_processor
-from policies.tiny_vla.training import StageConfig, pixel_values, stage_targets, tokenize, train_stage
+from policies.tiny_vla.training import (
+    StageConfig,
+    fit_probes,
+    pixel_values,
+    stage_targets,
+    tokenize,
+    train_stage,
+)
 
 ARCH = TinyVLAArch(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2)
 
@@ -145,3 +152,21 @@ def test_subject_probe_reads_the_decision_position_and_learns(data):
     cfg = StageConfig(steps=30, batch_size=8, lr=3e-3, warmup=2, log_every=5)
     rows = train_stage(model, ex, pixel_values(processor, data["image"]), cfg, 0, progress=False, auxiliary=aux)
     assert rows[-1]["aux_loss"] < 0.5 * rows[0]["aux_loss"]
+
+
+def test_fit_probes_trains_the_probes_and_leaves_the_model_as_it_was(data):
+    processor = build_processor(ARCH.image_size, ARCH.patch_size)
+    torch.manual_seed(0)
+    model = build_model(ARCH, processor.tokenizer)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    aux = build_auxiliary(data, ARCH.image_size, ARCH.patch_size, ARCH.text_hidden, 1, image_id, subject=True)
+    ex = tokenize(processor, data["instruction"], stage_targets(data, "safety"), data["scene"], data["harmful"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = aux.heads.subject.weight.detach().clone()
+    cfg = StageConfig(steps=40, batch_size=8, lr=3e-2, warmup=2, log_every=5)
+    rows = fit_probes(model, ex, pixel_values(processor, data["image"]), cfg, 0, aux, progress=False)
+    assert rows[-1]["aux_loss"] < 0.7 * rows[0]["aux_loss"]
+    assert not torch.equal(aux.heads.subject.weight, head)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in model.parameters())  # trainable again for the stage that follows
