@@ -15,7 +15,7 @@ import functools
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
@@ -124,9 +124,9 @@ class TrainConfig:
     """A written stage-1 checkpoint (``tiny-vla-base`` or a folder) to safety-tune instead of training stage 1:
     only ``tiny-vla`` is written. Its probes start afresh (stage 1's are not saved), so the result is not the full
     recipe's; ``arch`` must match the checkpoint's."""
-    probe_warmup: int = 0
-    """With ``base_checkpoint`` and ``probes``: steps that fit the fresh probes on the frozen checkpoint before
-    safety tuning starts (as ``safety``'s batches, at its learning rate)."""
+    probe_warmup: StageConfig = field(default_factory=lambda: StageConfig(steps=0, lr=1e-2, warmup=10))
+    """With ``base_checkpoint`` and ``probes``: a stage that fits the fresh probes on the frozen checkpoint before
+    safety tuning starts (``probe_warmup.steps=300``; 0: none)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -166,8 +166,8 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     layer = cfg.arch.text_layers // 2 if cfg.probe_layer is None else cfg.probe_layer
     if cfg.probes and not 0 < layer <= cfg.arch.text_layers:
         raise ValueError(f"probe_layer must be in 1..{cfg.arch.text_layers} (arch.text_layers), got {layer}")
-    if cfg.probe_warmup < 0:
-        raise ValueError(f"probe_warmup must be >= 0, got {cfg.probe_warmup}")
+    if cfg.probe_warmup.steps < 0:
+        raise ValueError(f"probe_warmup.steps must be >= 0, got {cfg.probe_warmup.steps}")
     if cfg.subject_probe_weight < 0:
         raise ValueError(f"subject_probe_weight must be >= 0, got {cfg.subject_probe_weight}")
     unknown = set(cfg.subject_probe_stages) - {"capability", "safety"}
@@ -243,10 +243,17 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             on = stage in cfg.subject_probe_stages
             auxiliary.heads.subject_weight = cfg.subject_probe_weight if on else 0.0
         t = time.perf_counter()
-        if cfg.base_checkpoint is not None and auxiliary is not None and cfg.probe_warmup > 0:
-            warmup = replace(stage_cfg, steps=cfg.probe_warmup, warmup=min(stage_cfg.warmup, cfg.probe_warmup))
+        if cfg.base_checkpoint is not None and auxiliary is not None and cfg.probe_warmup.steps > 0:
             fit_probes(
-                model, examples, pixels, warmup, cfg.seed, auxiliary, name="probes", log=log, progress=cfg.progress
+                model,
+                examples,
+                pixels,
+                cfg.probe_warmup,
+                cfg.seed,
+                auxiliary,
+                name="probes",
+                log=log,
+                progress=cfg.progress,
             )
         train_stage(
             model,

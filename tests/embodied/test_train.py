@@ -140,9 +140,19 @@ def test_safety_tuning_from_a_written_base_checkpoint(tmp_path):
 def test_probe_warmup_fits_fresh_probes_on_the_base_before_safety_tuning(tmp_path):
     train(_config(tmp_path, ["safety.steps=0"]), tmp_path / "full")
     base = f"base_checkpoint={tmp_path / 'full' / 'tiny-vla-base'}"
-    with pytest.raises(ValueError, match="probe_warmup must be >= 0"):
-        train(_config(tmp_path, [base, "probe_warmup=-1"]), tmp_path / "bad")
-    cfg = _config(tmp_path, [base, "probe_warmup=3", "safety.log_every=1", "eval.episodes=1"])
+    with pytest.raises(ValueError, match="probe_warmup.steps must be >= 0"):
+        train(_config(tmp_path, [base, "probe_warmup.steps=-1"]), tmp_path / "bad")
+    cfg = _config(
+        tmp_path,
+        [
+            base,
+            "probe_warmup.steps=3",
+            "probe_warmup.log_every=1",
+            "probe_warmup.batch_size=4",
+            "safety.log_every=1",
+            "eval.episodes=1",
+        ],
+    )
     train(cfg, tmp_path / "resumed")
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log if "stage" in r] == ["probes"] * 3 + ["safety"] * 2
