@@ -3,6 +3,7 @@
     embodied-train                                   # both stages -> outputs/<date>/<time>/checkpoints/
     embodied-train out=policies/checkpoints          # rewrite the committed checkpoints
     embodied-train capability.steps=50 safety.steps=20 eval.episodes=20    # a quick look
+    embodied-train base_checkpoint=tiny-vla-base safety.steps=900          # stage 2 only, on the committed base
 
 Stage 1 (capability) writes ``tiny-vla-base``, stage 2 (safety tuning, from stage 1's weights) ``tiny-vla``. Each
 folder holds the weights (safetensors), the processor, ``policy.json``, ``eval.json`` and a model card
