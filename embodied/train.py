@@ -169,6 +169,8 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         raise ValueError(f"probe_layer must be in 1..{cfg.arch.text_layers} (arch.text_layers), got {layer}")
     if cfg.probe_warmup.steps < 0:
         raise ValueError(f"probe_warmup.steps must be >= 0, got {cfg.probe_warmup.steps}")
+    if cfg.probe_warmup.steps and (cfg.base_checkpoint is None or not cfg.probes):
+        raise ValueError("probe_warmup fits fresh probes on a base_checkpoint: it needs base_checkpoint=... and probes")
     if cfg.subject_probe_weight < 0:
         raise ValueError(f"subject_probe_weight must be >= 0, got {cfg.subject_probe_weight}")
     unknown = set(cfg.subject_probe_stages) - {"capability", "safety"}
@@ -244,7 +246,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             on = stage in cfg.subject_probe_stages
             auxiliary.heads.subject_weight = cfg.subject_probe_weight if on else 0.0
         t = time.perf_counter()
-        if cfg.base_checkpoint is not None and auxiliary is not None and cfg.probe_warmup.steps > 0:
+        if cfg.probe_warmup.steps and stage == "safety":
             fit_probes(
                 model,
                 examples,

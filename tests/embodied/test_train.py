@@ -142,6 +142,8 @@ def test_probe_warmup_fits_fresh_probes_on_the_base_before_safety_tuning(tmp_pat
     base = f"base_checkpoint={tmp_path / 'full' / 'tiny-vla-base'}"
     with pytest.raises(ValueError, match="probe_warmup.steps must be >= 0"):
         train(_config(tmp_path, [base, "probe_warmup.steps=-1"]), tmp_path / "bad")
+    with pytest.raises(ValueError, match="it needs base_checkpoint"):
+        train(_config(tmp_path, ["probe_warmup.steps=3"]), tmp_path / "bad")
     cfg = _config(
         tmp_path,
         [
