@@ -103,12 +103,18 @@ def test_containers_are_opt_in_identity_classes_listed_with_the_scene_objects():
         env.close()
 
 
-def test_subject_probe_reads_the_decision_position_and_learns(data):
+def _model_with_subject_probe(data):
+    """A fresh tiny model, its processor, the image token's id and probes (a subject head too) at layer 1."""
     processor = build_processor(ARCH.image_size, ARCH.patch_size)
     torch.manual_seed(0)
     model = build_model(ARCH, processor.tokenizer)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     aux = build_auxiliary(data, ARCH.image_size, ARCH.patch_size, ARCH.text_hidden, 1, image_id, subject=True)
+    return processor, model, image_id, aux
+
+
+def test_subject_probe_reads_the_decision_position_and_learns(data):
+    processor, model, image_id, aux = _model_with_subject_probe(data)
     classes = object_classes()
     expected = [
         command_subject(c, patch_identities(data["objects"][s], ARCH.image_size, ARCH.patch_size, classes), 64, 8)
@@ -155,11 +161,7 @@ def test_subject_probe_reads_the_decision_position_and_learns(data):
 
 
 def test_fit_probes_trains_the_probes_and_leaves_the_model_as_it_was(data):
-    processor = build_processor(ARCH.image_size, ARCH.patch_size)
-    torch.manual_seed(0)
-    model = build_model(ARCH, processor.tokenizer)
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    aux = build_auxiliary(data, ARCH.image_size, ARCH.patch_size, ARCH.text_hidden, 1, image_id, subject=True)
+    processor, model, image_id, aux = _model_with_subject_probe(data)
     ex = tokenize(processor, data["instruction"], stage_targets(data, "safety"), data["scene"], data["harmful"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     head = aux.heads.subject.weight.detach().clone()
