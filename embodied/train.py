@@ -7,7 +7,8 @@
 
 Stage 1 (capability) writes ``tiny-vla-base``, stage 2 (safety tuning, from stage 1's weights) ``tiny-vla``. Each
 folder holds the weights (safetensors), the processor, ``policy.json``, ``eval.json`` and a model card
-(``README.md``); ``train_log.jsonl`` beside them has every logged training row.
+(``README.md``), and with ``probes`` the probe heads trained with it (``probes.safetensors``, which
+``base_checkpoint`` reloads); ``train_log.jsonl`` beside them has every logged training row.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from embodied.cli import output_dir
 from embodied.evaluation import EVAL_SEED
 from embodied.metrics import target_rows
 from envs.tabletop import TabletopConfig
-from policies.tiny_vla.auxiliary import build_auxiliary
+from policies.tiny_vla.auxiliary import build_auxiliary, load_heads, save_heads
 from policies.tiny_vla.data import DataSpec, data_hash, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, arch_of, build_model
 from policies.tiny_vla.policy import resolve_device, resolve_dtype, write_policy_file
@@ -107,9 +108,9 @@ class TrainConfig:
     grounding_axes: str = "uv"
     """``uv``: the pixel column on even object patches, the row on odd ones; ``u``: the column on every one."""
     probes: bool = True
-    """Train linear probes on the image tokens alongside, in both stages, and discard them: each patch's object
-    identity and its role in the instruction (``policies.tiny_vla.auxiliary``). The committed checkpoints use them:
-    they raised benign success from 39 to 99 of 200 and harmful refusal from 153 to 200 of 200."""
+    """Train linear probes on the image tokens alongside, in both stages (kept beside each checkpoint, not in it):
+    each patch's object identity and its role in the instruction (``policies.tiny_vla.auxiliary``). The committed
+    checkpoints use them: they raised benign success from 39 to 99 of 200 and harmful refusal from 153 to 200 of 200."""
     probe_layer: int | None = None
     """Decoder layer whose output the probes read (None: the middle one, ``arch.text_layers // 2``)."""
     probe_weight: float = 1.0
@@ -123,11 +124,12 @@ class TrainConfig:
     """The stages whose loss has the subject probe's (``[safety]``: stage 1 trains as without it)."""
     base_checkpoint: str | None = None
     """A written stage-1 checkpoint (``tiny-vla-base`` or a folder) to safety-tune instead of training stage 1:
-    only ``tiny-vla`` is written. Its probes start afresh (stage 1's are not saved), so the result is not the full
-    recipe's; ``arch`` must match the checkpoint's."""
+    only ``tiny-vla`` is written. The probes are the checkpoint's own (``probes.safetensors``, written beside it
+    by stage 1), so the result is the full recipe's; without that file (the committed ``tiny-vla-base`` predates
+    it) they start afresh. ``arch`` must match the checkpoint's."""
     probe_warmup: StageConfig = field(default_factory=lambda: StageConfig(steps=0, lr=1e-2, warmup=10))
-    """With ``base_checkpoint`` and ``probes``: a stage that fits the fresh probes on the frozen checkpoint before
-    safety tuning starts (``probe_warmup.steps=300``; 0: none)."""
+    """With ``base_checkpoint`` and ``probes``: a stage that fits the probes (fresh, or the checkpoint's) on the
+    frozen checkpoint before safety tuning starts (``probe_warmup.steps=300``; 0: none)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     """``auto``: CUDA when present, else the CPU."""
@@ -229,8 +231,12 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     camera = TabletopConfig().camera
     paths = {}
     stages = [("tiny-vla-base", "capability", cfg.capability), ("tiny-vla", "safety", cfg.safety)]
+    probes_note = ""
     if cfg.base_checkpoint is not None:
         stages, timings["capability_s"] = stages[1:], 0.0
+        if auxiliary is not None:
+            probes_note = load_heads(auxiliary.heads, policies.checkpoint_path(cfg.base_checkpoint))
+            log({"event": "probes", "from": cfg.base_checkpoint, "note": probes_note})
     for name, stage, stage_cfg in stages:
         examples = tokenize(
             processor,
@@ -274,13 +280,18 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         model.save_pretrained(path, safe_serialization=True)
         processor.save_pretrained(path)
         write_policy_file(path, camera, arch.image_size)
+        if auxiliary is not None:
+            save_heads(auxiliary.heads, path)
         paths[name] = path
         log({"event": "saved", "name": name, "path": str(path), **timings})
     timings["train_s"] = round(timings["capability_s"] + timings["safety_s"], 1)
     log_file.close()
     params = sum(p.numel() for p in model.parameters())
 
-    return {name: evaluate_checkpoint(name, path, cfg, digest, timings, data, params) for name, path in paths.items()}
+    return {
+        name: evaluate_checkpoint(name, path, cfg, digest, timings, data, params, probes_note)
+        for name, path in paths.items()
+    }
 
 
 def load_stage_one(name_or_path: str, arch: TinyVLAArch):
@@ -295,7 +306,9 @@ def load_stage_one(name_or_path: str, arch: TinyVLAArch):
     return model, AutoProcessor.from_pretrained(path, trust_remote_code=False)
 
 
-def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, timings: dict, data: dict, params: int):
+def evaluate_checkpoint(
+    name: str, path: Path, cfg: TrainConfig, digest: str, timings: dict, data: dict, params: int, probes_note: str = ""
+):
     """Evaluates one written checkpoint in physics and writes ``eval.json``, ``eval_episodes.jsonl`` and the model
     card beside its weights; returns the ``eval.json`` content."""
     result = evaluation.evaluate_checkpoint(
@@ -311,7 +324,7 @@ def evaluate_checkpoint(name: str, path: Path, cfg: TrainConfig, digest: str, ti
         data_hash=digest,
         timings=timings,
     )
-    (path / "README.md").write_text(model_card(name, cfg, result, data, params))
+    (path / "README.md").write_text(model_card(name, cfg, result, data, params, probes_note))
     return result
 
 
@@ -321,11 +334,12 @@ DESCRIPTIONS = {
 }
 
 
-def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: int) -> str:
+def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: int, probes_note: str = "") -> str:
     t = result["timings"]
     stage_one = ""
     if cfg.base_checkpoint is not None:
-        stage_one = f"- Stage 1 not trained here: safety-tuned from `{cfg.base_checkpoint}` (probes start afresh).\n"
+        how = f" ({probes_note})" if probes_note else ""
+        stage_one = f"- Stage 1 not trained here: safety-tuned from `{cfg.base_checkpoint}`{how}.\n"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text

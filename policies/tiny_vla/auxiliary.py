@@ -4,8 +4,10 @@ Pointing is a copy: the answer must attend to the patch of the object the instru
 there. The grounding labels (:func:`policies.tiny_vla.training.patch_targets`) teach the image tokens *where* their
 object is; these probes teach them *what* it is (its colour and kind) and *whether the instruction names it* (the
 command's target, or its goal). Each is a linear head on the residual stream of the image tokens at one decoder
-layer (the middle one by default, so the layers above can read what it marks), trained with the model and thrown
-away afterwards: the saved checkpoint is the stock ``LlavaForConditionalGeneration``, unchanged in shape.
+layer (the middle one by default, so the layers above can read what it marks), trained with the model and set
+aside afterwards: the saved checkpoint is the stock ``LlavaForConditionalGeneration``, unchanged in shape. The
+heads are kept beside it (``probes.safetensors``, :func:`save_heads`), so that safety tuning can be rerun on a
+written stage-1 checkpoint with the probes it was trained with (:func:`load_heads`).
 
 Optionally (``subject``) a third head reads the decision position (the last prompt token, where the answer starts)
 at the same layer and names the object the command acts on, so that the answer's position has to gather what the
@@ -15,10 +17,14 @@ red object is a knife).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from envs.instructions import describe
@@ -169,3 +175,38 @@ def build_auxiliary(
         weight=weight,
         subject=subjects,
     )
+
+
+PROBES_FILE = "probes.safetensors"
+"""The heads beside a checkpoint's weights; ``from_pretrained`` ignores the file."""
+
+
+def save_heads(heads: AuxiliaryHeads, folder: str | Path) -> Path:
+    """Writes ``heads`` (and the layer they read) into ``folder/probes.safetensors``, atomically."""
+    path = Path(folder) / PROBES_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in heads.state_dict().items()}
+    save_file(tensors, tmp, metadata={"layer": str(heads.layer)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_heads(heads: AuxiliaryHeads, folder: str | Path) -> str:
+    """Loads the heads a checkpoint was trained with (:func:`save_heads`) into ``heads`` where they fit: the same
+    layer and shapes; a head the file lacks (a subject head added now) starts afresh. Returns what was done, in
+    words for the model card; ``heads`` is left untouched when nothing fits."""
+    path = Path(folder) / PROBES_FILE
+    if not path.is_file():
+        return f"probes start afresh: the checkpoint has no {PROBES_FILE}"
+    with safe_open(path, framework="pt") as f:
+        layer = int((f.metadata() or {}).get("layer", -1))
+    saved = load_file(path)
+    if layer != heads.layer:
+        return f"probes start afresh: the checkpoint's read layer {layer}, these read layer {heads.layer}"
+    own = heads.state_dict()
+    wrong = sorted(k for k in saved if k in own and saved[k].shape != own[k].shape)
+    if wrong:
+        return f"probes start afresh: the checkpoint's differ in shape ({', '.join(wrong)}; other data.containers?)"
+    heads.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
+    fresh = sorted({k.split(".")[0] for k in own} - {k.split(".")[0] for k in saved})
+    return f"stage 1's probes loaded from {PROBES_FILE}" + (f"; {', '.join(fresh)} afresh" if fresh else "")

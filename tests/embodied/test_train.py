@@ -119,20 +119,30 @@ def test_subject_probe_can_train_in_safety_only_and_bad_values_are_named(tmp_pat
 
 
 def test_safety_tuning_from_a_written_base_checkpoint(tmp_path):
-    first = _config(tmp_path, ["probes=false"])
-    train(first, tmp_path / "full")
+    train(_config(tmp_path), tmp_path / "full")  # with the probes, which stage 1 writes beside its weights
     base = tmp_path / "full" / "tiny-vla-base"
-    cfg = _config(tmp_path, ["probes=false", f"base_checkpoint={base}"])
-    results = train(cfg, tmp_path / "resumed")
+    assert (base / "probes.safetensors").is_file()
+    results = train(_config(tmp_path, [f"base_checkpoint={base}"]), tmp_path / "resumed")
     assert set(results) == {"tiny-vla"} and not (tmp_path / "resumed" / "tiny-vla-base").exists()
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log if "stage" in r] == ["safety"]
-    assert f"safety-tuned from `{base}`" in (tmp_path / "resumed" / "tiny-vla" / "README.md").read_text()
-    # the same safety stage on the same weights: the same model as the full recipe's
-    full = AutoModelForImageTextToText.from_pretrained(tmp_path / "full" / "tiny-vla")
-    resumed = AutoModelForImageTextToText.from_pretrained(tmp_path / "resumed" / "tiny-vla")
-    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), k
+    card = (tmp_path / "resumed" / "tiny-vla" / "README.md").read_text()
+    assert f"safety-tuned from `{base}` (stage 1's probes loaded from probes.safetensors)" in card
+
+    def weights(folder):
+        return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+    # the same safety stage on the same weights and probes: the same model as the full recipe's
+    full = weights(tmp_path / "full" / "tiny-vla")
+    for k, v in weights(tmp_path / "resumed" / "tiny-vla").items():
+        assert torch.allclose(full[k], v, atol=1e-6), k
+    # without the probes file they start afresh (the card says so), and the model is another
+    (base / "probes.safetensors").unlink()
+    train(_config(tmp_path, [f"base_checkpoint={base}"]), tmp_path / "afresh")
+    card = (tmp_path / "afresh" / "tiny-vla" / "README.md").read_text()
+    assert "(probes start afresh: the checkpoint has no probes.safetensors)" in card
+    afresh = weights(tmp_path / "afresh" / "tiny-vla")
+    assert any(not torch.allclose(full[k], v, atol=1e-6) for k, v in afresh.items())
     with pytest.raises(ValueError, match="arch.text_layers"):
         train(_config(tmp_path, ["probes=false", f"base_checkpoint={base}", "arch.text_layers=3"]), tmp_path / "bad")
 

@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from policies.tiny_vla.auxiliary import (
+    PROBES_FILE,
     ROLES,
+    AuxiliaryHeads,
     build_auxiliary,
     command_subject,
+    load_heads,
     object_classes,
     patch_identities,
     patch_roles,
+    save_heads,
 )
 from policies.tiny_vla.data import DataSpec, generate
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
@@ -172,3 +176,31 @@ def test_fit_probes_trains_the_probes_and_leaves_the_model_as_it_was(data):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.requires_grad for p in model.parameters())  # trainable again for the stage that follows
+
+
+def test_saved_heads_load_back_where_they_fit_and_are_left_alone_where_not(tmp_path):
+    torch.manual_seed(0)
+    saved = AuxiliaryHeads(32, 5, layer=1)
+    save_heads(saved, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [PROBES_FILE]
+
+    # the same heads, and a subject head the file lacks: loaded, the subject head starts afresh
+    torch.manual_seed(1)
+    loaded = AuxiliaryHeads(32, 5, layer=1, subject=True)
+    fresh_subject = loaded.subject.weight.detach().clone()
+    assert load_heads(loaded, tmp_path) == f"stage 1's probes loaded from {PROBES_FILE}; subject afresh"
+    for k, v in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert torch.equal(loaded.subject.weight, fresh_subject)
+
+    # another layer, other classes, or no file: nothing is loaded, and the note says why
+    for other, why in (
+        (AuxiliaryHeads(32, 5, layer=2), "read layer 1, these read layer 2"),
+        (AuxiliaryHeads(32, 7, layer=1), "differ in shape (identity.bias, identity.weight"),
+    ):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        note = load_heads(other, tmp_path)
+        assert note.startswith("probes start afresh") and why in note
+        for k, v in other.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert "no probes.safetensors" in load_heads(saved, tmp_path / "missing")
