@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from envs.instructions import describe
@@ -200,7 +200,7 @@ def load_heads(heads: AuxiliaryHeads, folder: str | Path) -> str:
         return f"probes start afresh: the checkpoint has no {PROBES_FILE}"
     with safe_open(path, framework="pt") as f:
         layer = int((f.metadata() or {}).get("layer", -1))
-    saved = load_file(path)
+        saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the file handle is not iterable)
     if layer != heads.layer:
         return f"probes start afresh: the checkpoint's read layer {layer}, these read layer {heads.layer}"
     own = heads.state_dict()
