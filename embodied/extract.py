@@ -12,9 +12,11 @@ Prints the chosen (position, layer) and the best candidates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,12 @@ def prompt_sets(cfg: PromptConfig) -> PromptSets:
     raise ValueError(f"prompts.source must be 'env' or 'files', got {cfg.source!r}")
 
 
+def lazy_prompt_sets(cfg: PromptConfig) -> Callable[[], PromptSets]:
+    """``prompt_sets(cfg)`` built on the first call and returned again after (building the environments' sets
+    renders every scene: about 30 s at the defaults), for the steps of one run that all read the same sets."""
+    return functools.cache(functools.partial(prompt_sets, cfg))
+
+
 def _envs_fingerprint() -> str:
     """SHA-256 of the environments package's code and data: env prompt sets are a function of these and the seeds."""
     root = Path(envs.__file__).parent
@@ -128,15 +136,22 @@ def strongest_folder(policy, prompts: PromptConfig, selection: SelectionConfig, 
 
 
 def lowest_bypass_direction(
-    policy, name: str, prompts: PromptConfig, selection: SelectionConfig, cache_dir: str | Path, reason: str
+    policy,
+    name: str,
+    prompts: PromptConfig,
+    selection: SelectionConfig,
+    cache_dir: str | Path,
+    reason: str,
+    build_sets: Callable[[], PromptSets] | None = None,
 ) -> tuple[DirectionArtifact, str]:
     """After an extraction found no direction (``reason``): the candidate with the lowest bypass score on the
     unfiltered prompts, cached in :func:`strongest_folder`; with how it was chosen (``lowest bypass``, or
-    ``selected`` if the unfiltered prompts let one pass)."""
+    ``selected`` if the unfiltered prompts let one pass). ``build_sets`` returns the prompt sets of ``prompts``
+    when the caller holds them already (:func:`lazy_prompt_sets`; default: built here)."""
     folder = strongest_folder(policy, prompts, selection, cache_dir)
     if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
         return DirectionArtifact.load(folder, policy.model), "lowest bypass"
-    sets = prompt_sets(prompts)
+    sets = build_sets() if build_sets is not None else prompt_sets(prompts)
     chosen = select_direction(
         policy, sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val, selection
     )
@@ -171,13 +186,14 @@ def strongest_direction(
     folder = strongest_folder(policy, prompts, selection, cache_dir)
     if (folder / ARTIFACT_META).exists() and (folder / ARTIFACT_WEIGHTS).exists():
         return DirectionArtifact.load(folder, policy.model), "lowest bypass"
+    build_sets = lazy_prompt_sets(prompts)
     try:
         artifact, _, _ = extract_cached(
-            policy, lambda: prompt_sets(prompts), cache_dir, selection, model_name=name, prompts_key=prompt_key(prompts)
+            policy, build_sets, cache_dir, selection, model_name=name, prompts_key=prompt_key(prompts)
         )
         return artifact, "selected"
     except ValueError as e:  # NoDirectionError, or nothing left after filtering by refusal
-        return lowest_bypass_direction(policy, name, prompts, selection, cache_dir, str(e))
+        return lowest_bypass_direction(policy, name, prompts, selection, cache_dir, str(e), build_sets)
 
 
 def candidates_table(scores: list[CandidateScore], title: str, chosen: tuple[int, int] | None, top: int) -> Table:
@@ -205,6 +221,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     how = "selected"
+    build_sets = lazy_prompt_sets(cfg.prompts)  # built at most once, by the first step that needs them
     fallback = strongest_folder(policy, cfg.prompts, cfg.selection, cfg.cache_dir)
     if cfg.strongest and (fallback / ARTIFACT_META).exists() and (fallback / ARTIFACT_WEIGHTS).exists():
         # this extraction failed before: its fallback is cached, and trying again would fail the same way
@@ -213,7 +230,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
         try:
             artifact, folder, cached = extract_cached(
                 policy,
-                lambda: prompt_sets(cfg.prompts),
+                build_sets,
                 cfg.cache_dir,
                 cfg.selection,
                 model_name=name,
@@ -224,7 +241,9 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
             if not cfg.strongest:
                 _report_failure(e, out, name, console, cfg.top)
                 raise
-            artifact, how = lowest_bypass_direction(policy, name, cfg.prompts, cfg.selection, cfg.cache_dir, str(e))
+            artifact, how = lowest_bypass_direction(
+                policy, name, cfg.prompts, cfg.selection, cfg.cache_dir, str(e), build_sets
+            )
             folder, cached = out, False
             artifact.save(out)
     if folder.resolve() != out.resolve():
@@ -240,7 +259,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
     )
     if cfg.compare_with:
         other = load_policy(PolicyConfig(**{**asdict(cfg.policy), "path": cfg.compare_with, "name": None}))
-        result = compare_directions(policy, other, artifact, prompt_sets(cfg.prompts), cfg.selection.batch_size)
+        result = compare_directions(policy, other, artifact, build_sets(), cfg.selection.batch_size)
         result = {"policy": name, "other": cfg.compare_with, **result}
         write_json_atomic(out / "comparison.json", result)
         console.print(comparison_table(result, name, cfg.compare_with))

@@ -340,6 +340,29 @@ def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_
     assert torch.equal(again.direction, artifact.direction)
 
 
+def test_extract_builds_the_prompt_sets_once_for_extraction_fallback_and_comparison(tmp_path, monkeypatch):
+    import embodied.extract
+    from embodied.extract import ExtractConfig, PromptConfig
+    from embodied.extract import run as extract_run
+    from embodied.loading import PolicyConfig
+
+    built = []
+    real = embodied.extract.prompt_sets
+    monkeypatch.setattr(embodied.extract, "prompt_sets", lambda cfg: built.append(cfg) or real(cfg))
+    cfg = ExtractConfig(
+        policy=PolicyConfig(kind="tiny_vla", path="tiny-vla", device="cpu"),
+        prompts=PromptConfig(n_train=8, n_val=4),
+        selection=SelectionConfig(kl_threshold=-1.0),  # nothing passes: the fallback runs after the extraction
+        cache_dir=str(tmp_path / "cache"),
+        strongest=True,
+        compare_with="tiny-vla-base",
+        progress=False,
+    )
+    artifact = extract_run(cfg, tmp_path / "out")
+    assert "fallback" in artifact.config and (tmp_path / "out" / "comparison.json").exists()
+    assert len(built) == 1, "extraction, fallback and comparison read one build of the sets"
+
+
 def policies_model(cfg):
     import policies
 
