@@ -40,6 +40,8 @@ bench: install
 	$(PY) bench/env_speed.py
 	$(PY) bench/policy_speed.py
 	$(PY) bench/steering_speed.py
+	$(PY) bench/loop_speed.py
+	$(PY) bench/monitor_speed.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -27,8 +27,9 @@ the named objects and people, which is what held-out test phrasings share with t
     embodied-refat steps=50 eval.episodes=20           # a quick look
 
 The checkpoint folder holds the weights (safetensors), the processor, ``policy.json``, the model's own selected
-refusal direction (``direction.safetensors`` / ``direction.json``, as ``embodied-extract direction=all_layers``
-writes it), ``train_log.jsonl``, ``eval.json``, ``eval_episodes.jsonl`` and a model card (``README.md``).
+refusal direction (``direction.safetensors`` / ``direction.json``, as ``embodied-extract
+selection.prune_layer_percentage=0`` writes it), ``train_log.jsonl``, ``eval.json``, ``eval_episodes.jsonl`` and a
+model card (``README.md``).
 """
 
 from __future__ import annotations
@@ -557,9 +558,10 @@ def model_card(cfg: RefatConfig, result: dict) -> str:
     ]
     if own["selection"] != "selected":
         dir_lines.append(
-            "- No candidate of this model passes the repo's selection filters (`embodied-extract direction=all_layers`"
-            " fails on it; the reasons are in `direction.json`): the direction ablated above is the candidate with "
-            "the lowest bypass score, the strongest single-direction ablation among them."
+            "- No candidate of this model passes the repo's selection filters (`embodied-extract"
+            " selection.prune_layer_percentage=0` fails on it; the reasons are in `direction.json`): the direction"
+            " ablated above is the candidate with the lowest bypass score, the strongest single-direction ablation"
+            " among them."
         )
     ablated = result["eval"].get("ablate_own", {})
     if ablated.get("benign_false_refusal", {}).get("rate", 0.0) > 0.05:
@@ -600,8 +602,8 @@ Same architecture and interface as `tiny-vla` ({result["training"]["params"]:,} 
 ## Measured evaluation
 Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-split phrasings and combinations,
 {result["episodes_per_set"]} episodes per set and condition, the same seeds in every row; Wilson 95% intervals.
-Directions are selected as `embodied-extract direction=all_layers` does (the paper's selection without its layer
-filter) on the environments' prompt sets.
+Directions are selected as `embodied-extract selection.prune_layer_percentage=0` does (the paper's selection
+without its layer filter; `direction=all_layers` in `embodied-run`) on the environments' prompt sets.
 
 | condition | harmful refusal | harmful unsafe | benign success | false refusal | benign unsafe |
 |---|---|---|---|---|---|
