@@ -14,6 +14,7 @@ Each folder holds the adapter (safetensors), ``policy.json``, ``eval.json``, ``e
     embodied-train --config-name planner                                  # -> outputs/train_planner/<date>/<time>/
     embodied-train --config-name planner out=policies/checkpoints         # rewrite the committed adapters
     embodied-train --config-name planner capability.steps=20 safety.steps=10 eval.episodes=10   # a quick look
+    embodied-train --config-name planner base_checkpoint=smol-planner-base safety.lr=2.5e-4    # stage 2 only
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +32,12 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+import policies
 from embodied import evaluation
 from embodied.metrics import target_rows
 from embodied.train import DataConfig, EvalConfig, seed_everything
-from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, write_policy_file
-from policies.tiny_vla.processing_tiny_vla import REFUSAL
+from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, read_policy_file, write_policy_file
+from policies.tiny_vla.processing_tiny_vla import REFUSAL, slot_words
 from policies.tiny_vla.training import lr_factor
 
 
@@ -55,6 +58,10 @@ class PlannerStage:
     warmup: int = 10
     harmful_fraction: float | None = None
     """Share of harmful samples per batch (None: sample uniformly)."""
+    word_dropout: float = 0.0
+    """Chance that a template word of the instruction (not a slot filler such as an object, person or direction:
+    ``slot_words``) is left out of a sample in a batch, as the tiny VLA's word dropout, so that the skill is read from
+    the whole instruction rather than from its verb alone. The batches drawn are the same at any value."""
 
 
 @dataclass
@@ -70,6 +77,11 @@ class PlannerTrainConfig:
     capability: PlannerStage = field(default_factory=lambda: PlannerStage(steps=360, lr=1e-3))
     """The committed adapters' recipe: 360 x 8 samples (1.2 passes over the 2400), then 160 x 8 for safety."""
     safety: PlannerStage = field(default_factory=lambda: PlannerStage(steps=160, lr=5e-4, harmful_fraction=0.5))
+    base_checkpoint: str | None = None
+    """A written stage-1 adapter (``smol-planner-base`` or a folder) to safety-tune instead of training stage 1:
+    only ``<name>`` is written. Stage 2 then starts from the same weights, with a fresh optimizer and the same
+    seed, as in the full recipe, so it is the full recipe's stage 2. ``base``, ``lora`` and ``system_prompt`` must
+    be the adapter's."""
     system_prompt: str = SYSTEM_PROMPT
     max_new_tokens: int = 24
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -100,8 +112,43 @@ def _validate(cfg: PlannerTrainConfig) -> None:
             raise ValueError(f"{stage}: steps must be >= 0, batch_size >= 1 and lr > 0 (got {s})")
         if s.harmful_fraction is not None and not 0.0 <= s.harmful_fraction <= 1.0:
             raise ValueError(f"{stage}.harmful_fraction must be in [0, 1], got {s.harmful_fraction}")
+        if not 0.0 <= s.word_dropout < 1.0:
+            raise ValueError(f"{stage}.word_dropout must be in [0, 1), got {s.word_dropout}")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r must be >= 1, got {cfg.lora.r}")
+
+
+def check_stage_one(cfg: PlannerTrainConfig) -> Path:
+    """The folder of ``cfg.base_checkpoint``; a clear error, before the base model is loaded, when it is not a
+    planner adapter trained on ``cfg.base`` with ``cfg.lora`` and ``cfg.system_prompt``."""
+    from peft import PeftConfig
+
+    path = policies.checkpoint_path(cfg.base_checkpoint)
+    meta = read_policy_file(path)
+    if meta["base"] != cfg.base:
+        raise ValueError(f"base_checkpoint {path} is an adapter on base {meta['base']!r}: pass base={meta['base']}")
+    if meta["system_prompt"] != cfg.system_prompt:
+        raise ValueError(
+            f"base_checkpoint {path} was trained with system_prompt {meta['system_prompt']!r}: pass that system_prompt"
+        )
+    found = PeftConfig.from_pretrained(str(path))
+    have = {
+        "r": found.r,
+        "alpha": found.lora_alpha,
+        "dropout": found.lora_dropout,
+        "targets": sorted(found.target_modules),
+    }
+    want = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "targets": sorted(cfg.lora.targets)}
+    wrong = [
+        f"lora.{k}={v}" if k != "targets" else f"'lora.targets=[{','.join(v)}]'"
+        for k, v in have.items()
+        if want[k] != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"base_checkpoint {path} has another adapter than lora: pass {' '.join(wrong)}, or another checkpoint"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -112,6 +159,29 @@ class Encoded:
     ids: list[list[int]]
     target_start: list[int]
     harmful: np.ndarray
+    instructions: list[str] | None = None
+    """Per sample, its instruction (what ``word_dropout`` acts on)."""
+    render: Callable[[int, str], tuple[list[int], int]] | None = None
+    """Sample ``i`` with another instruction -> its ids and target start."""
+
+    def with_words_dropped(self, idx: np.ndarray, p: float, rng: np.random.Generator) -> Encoded:
+        """Samples ``idx``, in order, each with its instruction's template words left out with chance ``p``."""
+        if self.instructions is None or self.render is None:
+            raise ValueError("word dropout needs the instructions: encode the samples with encode()")
+        rows = [self.render(int(i), drop_words(self.instructions[i], p, rng)) for i in idx]
+        return Encoded([r[0] for r in rows], [r[1] for r in rows], self.harmful[idx])
+
+
+@functools.cache
+def _slot_words() -> frozenset[str]:
+    return frozenset(slot_words())
+
+
+def drop_words(instruction: str, p: float, rng: np.random.Generator) -> str:
+    """``instruction`` with each word that is not a slot filler (``slot_words``: objects, colours, people,
+    containers, directions, regions) left out with chance ``p``; unchanged if nothing would be left."""
+    kept = [w for w in instruction.split() if w.lower() in _slot_words() or rng.random() >= p]
+    return " ".join(kept) if kept else instruction
 
 
 def targets(data: dict, stage: str) -> list[str]:
@@ -130,15 +200,17 @@ def encode(planner, data: dict, stage: str) -> Encoded:
     tok = planner.tokenizer
     if tok.eos_token_id is None:
         raise ValueError("the planner's tokenizer has no eos token to end its targets with")
-    scenes = data["scene_text"]
-    ids, starts = [], []
-    for scene, instruction, target in zip(data["scene"], data["instruction"], targets(data, stage), strict=True):
-        text = planner.prompt_from_scene(str(scenes[int(scene)]), str(instruction))
-        prompt = tok.encode(text, add_special_tokens=False)
-        answer = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
-        ids.append(prompt + answer)
-        starts.append(len(prompt))
-    return Encoded(ids, starts, np.asarray(data["harmful"], dtype=bool))
+    scenes = [str(data["scene_text"][int(s)]) for s in data["scene"]]
+    answers = targets(data, stage)
+
+    def render(i: int, instruction: str) -> tuple[list[int], int]:
+        prompt = tok.encode(planner.prompt_from_scene(scenes[i], instruction), add_special_tokens=False)
+        return prompt + tok.encode(answers[i], add_special_tokens=False) + [tok.eos_token_id], len(prompt)
+
+    instructions = [str(x) for x in data["instruction"]]
+    rows = [render(i, instruction) for i, instruction in enumerate(instructions)]
+    harmful = np.asarray(data["harmful"], dtype=bool)
+    return Encoded([r[0] for r in rows], [r[1] for r in rows], harmful, instructions, render)
 
 
 def batch_loss(model, encoded: Encoded, idx: np.ndarray, pad_id: int) -> torch.Tensor:
@@ -166,6 +238,7 @@ def train_stage(model, encoded: Encoded, stage: PlannerStage, name: str, pad_id:
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
+    dropout_rng = np.random.default_rng([seed, 1])  # its own stream: the batches do not depend on word_dropout
     harmful, benign = np.flatnonzero(encoded.harmful), np.flatnonzero(~encoded.harmful)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
@@ -183,7 +256,12 @@ def train_stage(model, encoded: Encoded, stage: PlannerStage, name: str, pad_id:
             idx = np.concatenate(
                 [rng.choice(harmful, k, replace=True), rng.choice(benign, stage.batch_size - k, replace=True)]
             )
-        loss = batch_loss(model, encoded, idx, pad_id)
+        if stage.word_dropout > 0:
+            loss = batch_loss(
+                model, encoded.with_words_dropped(idx, stage.word_dropout, dropout_rng), np.arange(len(idx)), pad_id
+            )
+        else:
+            loss = batch_loss(model, encoded, idx, pad_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -211,6 +289,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
     _validate(cfg)
+    stage_one = None if cfg.base_checkpoint is None else check_stage_one(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -242,14 +321,18 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(planner.model, lora)
-        model.peft_config["default"].base_model_name_or_path = BASES[cfg.base]  # not this machine's folder
+        stages = [("planner-base", "capability", cfg.capability), ("planner", "safety", cfg.safety)]
+        if stage_one is None:
+            model = get_peft_model(planner.model, lora)
+            model.peft_config["default"].base_model_name_or_path = BASES[cfg.base]  # not this machine's folder
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(planner.model, str(stage_one), is_trainable=True, use_safetensors=True)
+            stages, timings["capability_s"] = stages[1:], 0.0
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log({"event": "model", "base": cfg.base, "trainable": trainable})
-        for key, stage_name, stage in (
-            ("planner-base", "capability", cfg.capability),
-            ("planner", "safety", cfg.safety),
-        ):
+        log({"event": "model", "base": cfg.base, "trainable": trainable, "base_checkpoint": cfg.base_checkpoint})
+        for key, stage_name, stage in stages:
             encoded = encode(planner, data, stage_name)
             seconds = train_stage(model, encoded, stage, stage_name, pad_id, cfg.seed, log, cfg)
             timings[f"{stage_name}_s"] = seconds
@@ -263,7 +346,7 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     timings["train_s"] = round(timings["capability_s"] + timings["safety_s"], 1)
     return {
         names[key]: evaluate_checkpoint(key, names[key], out / names[key], cfg, digest, timings, data, trainable)
-        for key in ("planner-base", "planner")
+        for key, _, _ in stages
     }
 
 
@@ -302,6 +385,11 @@ DESCRIPTIONS = {
 
 def model_card(key: str, name: str, cfg: PlannerTrainConfig, result: dict, data: dict) -> str:
     t = result["timings"]
+    stage_one = (
+        ""
+        if cfg.base_checkpoint is None
+        else f"- Stage 1 not trained here: safety-tuned from `{cfg.base_checkpoint}`.\n"
+    )
     return f"""---
 library_name: peft
 base_model: HuggingFaceTB/SmolLM2-135M-Instruct
@@ -330,7 +418,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 ## Training
 - Data: {len(data["scene_text"])} scenes x {cfg.data.tasks_per_scene} instructions = {len(data["command"])} samples from
   the train split (seed {cfg.data.seed}); data hash `{result["data_hash"]}`.
-- Time on this machine (2 cores): data {t["data_s"]} s, base model load {t["load_s"]} s, capability
+{stage_one}- Time on this machine (2 cores): data {t["data_s"]} s, base model load {t["load_s"]} s, capability
   {t["capability_s"]} s, safety {t["safety_s"]} s (training {t["train_s"]} s), evaluation {t["eval_s"]} s.
 
 ```yaml
