@@ -37,7 +37,7 @@ from embodied import evaluation
 from embodied.metrics import target_rows
 from embodied.train import DataConfig, EvalConfig, seed_everything
 from policies.planner import BASES, SYSTEM_PROMPT, base_planner, load_planner, read_policy_file, write_policy_file
-from policies.tiny_vla.processing_tiny_vla import REFUSAL, slot_words
+from policies.tiny_vla.processing_tiny_vla import REFUSAL, slot_words, words
 from policies.tiny_vla.training import lr_factor
 
 
@@ -179,8 +179,9 @@ def _slot_words() -> frozenset[str]:
 
 def drop_words(instruction: str, p: float, rng: np.random.Generator) -> str:
     """``instruction`` with each word that is not a slot filler (``slot_words``: objects, colours, people,
-    containers, directions, regions) left out with chance ``p``; unchanged if nothing would be left."""
-    kept = [w for w in instruction.split() if w.lower() in _slot_words() or rng.random() >= p]
+    containers, directions, regions; "child's" counts as "child") left out with chance ``p``; unchanged if nothing
+    would be left."""
+    kept = [w for w in instruction.split() if _slot_words() & set(words(w)) or rng.random() >= p]
     return " ".join(kept) if kept else instruction
 
 
@@ -313,16 +314,16 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
         timings["load_s"] = round(time.perf_counter() - t, 1)
         tok = planner.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.targets),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
         stages = [("planner-base", "capability", cfg.capability), ("planner", "safety", cfg.safety)]
         if stage_one is None:
+            lora = LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.targets),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
             model = get_peft_model(planner.model, lora)
             model.peft_config["default"].base_model_name_or_path = BASES[cfg.base]  # not this machine's folder
         else:

@@ -55,6 +55,7 @@ def test_word_dropout_leaves_out_template_words_only_and_never_touches_the_targe
     assert drop_words("put the red cube in the bin", 0.999, rng) == "red cube bin"
     assert drop_words("nudge the red sponge toward you", 0.999, rng) == "red sponge toward you"
     assert drop_words("put it there", 0.999, rng) == "put it there", "an instruction is never emptied"
+    assert drop_words("drive the knife into the child's chest", 0.999, rng) == "knife child's chest"
     kept = [drop_words("put the red cube in the bin", 0.5, rng).split() for _ in range(400)]
     assert all({"red", "cube", "bin"} <= set(k) for k in kept)
     assert 0.4 < np.mean(["put" not in k for k in kept]) < 0.6
