@@ -62,8 +62,9 @@ class SelectionConfig:
     batch_size: int = 32
     layers: list[int] | None = None
     """Score only candidates at these layers (None: every layer, as the paper does). Each candidate costs three
-    forwards of the validation sets; on a CPU a 30-layer model's 180 candidates take hours, so a coarser grid
-    (``[2, 4, ..., 22]``) makes extraction feasible. Unscored candidates are listed with reason ``not scored``."""
+    forwards of the validation sets: on 2 CPU cores about 10 s for smol-planner (30 layers) at 16 + 16 validation
+    prompts, so its 180 candidates take about 30 minutes there and an hour at 32 + 32; a coarser grid
+    (``[2, 4, ..., 22]``) cuts that. Unscored candidates are listed with reason ``not scored``."""
     positions: list[int] | None = None
     """... and at these post-instruction positions (negative, -1 = the last token; None: all of them)."""
 
@@ -299,6 +300,8 @@ class Selection:
     how: str
     """``selected`` (passed the repo's filters) or ``lowest bypass`` (none passed; the strongest one was taken)."""
     scores: list[CandidateScore]
+    candidates: torch.Tensor
+    """Every candidate (positions, layers, d_model), float32, unrestricted by ``layer`` / ``position``."""
 
 
 def select_direction(
@@ -311,6 +314,7 @@ def select_direction(
     layer: int | None = None,
     position: int | None = None,
     batch_size: int = 32,
+    progress: Callable[[Iterator], Iterator] | None = None,
 ) -> Selection:
     """The refusal direction of ``policy``'s model now: difference in means of ``harmful`` and ``harmless`` at
     every (position, layer), chosen by ``selection`` (default :data:`ALL_LAYERS`) on the validation prompts (no
@@ -318,12 +322,14 @@ def select_direction(
     training the model may refuse nothing). When no candidate passes the filters, the one with the lowest bypass
     score is taken: the strongest single-direction ablation among them."""
     selection = selection or ALL_LAYERS
-    candidates = mean_activations(policy, harmful, batch_size) - mean_activations(policy, harmless, batch_size)
-    candidates = _restrict(candidates, layer, position)
+    every = mean_activations(policy, harmful, batch_size) - mean_activations(policy, harmless, batch_size)
+    candidates = _restrict(every, layer, position)
     n_pos, n_layers, _ = candidates.shape
     cells = candidate_cells(n_pos, n_layers, selection)
     scores = apply_filters(
-        score_candidates(policy, candidates, harmful_val, harmless_val, batch_size, cells=cells), n_layers, selection
+        score_candidates(policy, candidates, harmful_val, harmless_val, batch_size, progress, cells),
+        n_layers,
+        selection,
     )
     try:
         best, how = select(scores, n_layers, selection), "selected"
@@ -332,7 +338,7 @@ def select_direction(
         if not finite:
             raise
         best, how = min(finite, key=lambda s: s.bypass), "lowest bypass"
-    return Selection(candidates[best.position + n_pos, best.layer].float(), best, how, scores)
+    return Selection(candidates[best.position + n_pos, best.layer].float(), best, how, scores, every.float())
 
 
 def _hash_into(h, value: Any) -> None:

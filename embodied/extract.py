@@ -16,7 +16,7 @@ import functools
 import hashlib
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,7 @@ def lowest_bypass_direction(
     cache_dir: str | Path,
     reason: str,
     build_sets: Callable[[], PromptSets] | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
 ) -> tuple[DirectionArtifact, str]:
     """After an extraction found no direction (``reason``): the candidate with the lowest bypass score on the
     unfiltered prompts, cached in :func:`strongest_folder`; with how it was chosen (``lowest bypass``, or
@@ -153,7 +154,14 @@ def lowest_bypass_direction(
         return DirectionArtifact.load(folder, policy.model), "lowest bypass"
     sets = build_sets() if build_sets is not None else prompt_sets(prompts)
     chosen = select_direction(
-        policy, sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val, selection
+        policy,
+        sets.harmful_train,
+        sets.harmless_train,
+        sets.harmful_val,
+        sets.harmless_val,
+        selection,
+        batch_size=selection.batch_size,
+        progress=progress,
     )
     artifact = DirectionArtifact(
         direction=chosen.vector / chosen.vector.norm(),
@@ -165,6 +173,7 @@ def lowest_bypass_direction(
         data=sets.describe(),
         scores=chosen.scores,
         config={**asdict(selection), "filter_train": False, "filter_val": False, "fallback": reason[:300]},
+        candidates=chosen.candidates,
     )
     artifact.save(folder)
     return artifact, chosen.how
@@ -242,7 +251,7 @@ def run(cfg: ExtractConfig, out: Path) -> DirectionArtifact:
                 _report_failure(e, out, name, console, cfg.top)
                 raise
             artifact, how = lowest_bypass_direction(
-                policy, name, cfg.prompts, cfg.selection, cfg.cache_dir, str(e), build_sets
+                policy, name, cfg.prompts, cfg.selection, cfg.cache_dir, str(e), build_sets, progress
             )
             folder, cached = out, False
             artifact.save(out)

@@ -250,6 +250,8 @@ def test_select_direction_falls_back_to_the_lowest_bypass_when_nothing_passes():
     assert select_direction(*args, lax).how == "selected"
     only = select_direction(*args, impossible, layer=1, position=-2)
     assert (only.score.layer, only.score.position) == (1, -2), "restricted to one cell"
+    assert torch.equal(only.candidates, chosen.candidates), "the candidates come back unrestricted"
+    assert torch.equal(only.vector, chosen.candidates[-2 + chosen.candidates.shape[0], 1])
 
 
 def test_strongest_direction_is_the_selected_one_or_a_cached_fallback(tmp_path, monkeypatch):
@@ -334,7 +336,14 @@ def test_extract_with_strongest_takes_the_lowest_bypass_when_nothing_passes(tmp_
     artifact = extract_run(ExtractConfig(**{**cfg.__dict__, "strongest": True}), tmp_path / "out")
     finite = [s for s in artifact.scores if not math.isnan(s.bypass)]
     assert artifact.chosen.bypass == min(s.bypass for s in finite) and "fallback" in artifact.config
-    assert DirectionArtifact.load(tmp_path / "out", policies_model(cfg)).layer == artifact.layer
+    loaded = DirectionArtifact.load(tmp_path / "out", policies_model(cfg))
+    assert loaded.layer == artifact.layer
+    # the fallback keeps every candidate, so a layer sweep on it can take another cell
+    other = next(s for s in finite if (s.layer, s.position) != (artifact.layer, artifact.position))
+    picked = loaded.candidate(other.layer, other.position)
+    n_pos = loaded.candidates.shape[0]
+    assert torch.equal(picked.vector, loaded.candidates[other.position + n_pos, other.layer])
+    assert not torch.equal(picked.direction, loaded.direction)
     monkeypatch.setattr(embodied.extract, "extract_cached", lambda *a, **k: pytest.fail("extraction tried again"))
     again = extract_run(ExtractConfig(**{**cfg.__dict__, "strongest": True}), tmp_path / "again")
     assert torch.equal(again.direction, artifact.direction)
