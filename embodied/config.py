@@ -61,9 +61,9 @@ class DirectionConfig:
     instead of failing. Hardening experiments set it: a defended policy may have no direction that passes."""
     project: bool = True
     """When no condition steers, still extract (or take from the cache) the direction so that records hold each
-    episode's projection onto it. Extraction scores every candidate: seconds on tiny-vla, about an hour for a
-    30-layer model on 2 CPU cores (twice that with ``strongest``), so ``false`` skips it for such policies (records
-    then have no projection)."""
+    episode's projection onto it. Extraction scores every candidate: seconds on tiny-vla, by the measured rate
+    about an hour for a 30-layer model on 2 CPU cores (twice that with ``strongest``), so ``false`` skips it for
+    such policies (records then have no projection)."""
     cache_dir: str = ".cache/embodied/directions"
     """Relative paths are resolved against the directory the command was started from."""
 
