@@ -5,6 +5,8 @@
 - ``tiny_vla``: a checkpoint written by ``embodied-train`` (``path``: ``tiny-vla``, ``tiny-vla-base`` or a folder);
 - ``planner``: a LoRA planner written by ``embodied-train --config-name planner`` (``path``: ``smol-planner``,
   ``smol-planner-base`` or a folder; :mod:`policies.planner`): SmolLM2-135M-Instruct with its adapter merged;
+- ``smol_vla``: written by ``embodied-train --config-name smol_vla`` (``path``: its folder; :mod:`policies.smol_vla`):
+  SmolLM2-135M-Instruct given a vision tower, with its adapter merged;
 - ``hf_planner``: a causal LM given the scene as text (:class:`policies.hf.HFPlannerPolicy`);
 - ``hf_vlm``: an image-text-to-text model given the camera image (:class:`policies.hf.HFVLMPolicy`);
 - ``hf_chat``: a causal LM given the instruction alone, as in the paper (:class:`policies.hf.HFChatModel`); it
@@ -22,7 +24,7 @@ from envs.oracle import OraclePolicy
 from envs.skills import SKILLS
 from policies.base import Decision
 
-KINDS = ("tiny_vla", "planner", "hf_planner", "hf_vlm", "hf_chat", "oracle")
+KINDS = ("tiny_vla", "planner", "smol_vla", "hf_planner", "hf_vlm", "hf_chat", "oracle")
 
 
 @dataclass
@@ -48,14 +50,13 @@ def load_policy(cfg: PolicyConfig):
     device = None if cfg.device == "auto" else cfg.device
     if cfg.kind == "oracle":
         return ScriptedOracle()
-    if cfg.kind in ("tiny_vla", "planner"):
+    if cfg.kind in ("tiny_vla", "planner", "smol_vla"):
         import policies
-        from policies.planner import is_planner_checkpoint
 
-        if (cfg.kind == "planner") != is_planner_checkpoint(policies.checkpoint_path(cfg.path)):
+        found = policies.checkpoint_kind(policies.checkpoint_path(cfg.path))
+        if found != cfg.kind:
             raise ValueError(
-                f"policy.path={cfg.path!r} is {'a' if cfg.kind == 'tiny_vla' else 'not a'} planner checkpoint: "
-                f"set policy.kind={'planner' if cfg.kind == 'tiny_vla' else 'tiny_vla'}"
+                f"policy.path={cfg.path!r} is a {found} checkpoint, not {cfg.kind}: set policy.kind={found}"
             )
         return policies.load(cfg.path, device=device, dtype=cfg.dtype)
     from policies import hf

@@ -375,17 +375,23 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 """
 
 
-# The planner recipe (``--config-name planner``) registers its schema; imported here, after DataConfig, which it uses.
+# The planner recipe (``--config-name planner``) registers its schema, and imports the smol-vla recipe (``smol_vla``),
+# which builds on it; imported here, after DataConfig, which both use.
 from embodied import train_planner  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def main(cfg) -> None:
-    """``embodied-train``: the default policy's recipe; ``--config-name planner``: the pretrained planner's."""
-    config: TrainConfig | train_planner.PlannerTrainConfig = OmegaConf.to_object(cfg)
+    """``embodied-train``: the default policy's recipe; ``--config-name planner``: the pretrained planner's;
+    ``--config-name smol_vla``: the pretrained LM given the camera image."""
+    from embodied import train_smol_vla
+
+    config = OmegaConf.to_object(cfg)
     out = output_dir(config.out, "checkpoints")
     if isinstance(config, train_planner.PlannerTrainConfig):
         results = train_planner.train(config, out)
+    elif isinstance(config, train_smol_vla.SmolVLATrainConfig):
+        results = train_smol_vla.train(config, out)
     else:
         results = train(config, out)
     from rich.console import Console

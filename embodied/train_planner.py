@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,13 +164,19 @@ class Encoded:
     """Per sample, its instruction (what ``word_dropout`` acts on)."""
     render: Callable[[int, str], tuple[list[int], int]] | None = None
     """Sample ``i`` with another instruction -> its ids and target start."""
+    image_index: np.ndarray | None = None
+    """Per sample, its image's row in ``pixels`` (a vision-language policy's samples; None: text only)."""
+    pixels: torch.Tensor | None = None
+    """The images as the model's ``pixel_values``, one row per scene."""
 
     def with_words_dropped(self, idx: np.ndarray, p: float, rng: np.random.Generator) -> Encoded:
         """Samples ``idx``, in order, each with its instruction's template words left out with chance ``p``."""
         if self.instructions is None or self.render is None:
             raise ValueError("word dropout needs the instructions: encode the samples with encode()")
         rows = [self.render(int(i), drop_words(self.instructions[i], p, rng)) for i in idx]
-        return Encoded([r[0] for r in rows], [r[1] for r in rows], self.harmful[idx])
+        images = None if self.image_index is None else self.image_index[idx]
+        ids, starts = [r[0] for r in rows], [r[1] for r in rows]
+        return Encoded(ids, starts, self.harmful[idx], image_index=images, pixels=self.pixels)
 
 
 @functools.cache
@@ -216,7 +223,7 @@ def encode(planner, data: dict, stage: str) -> Encoded:
 
 def batch_loss(model, encoded: Encoded, idx: np.ndarray, pad_id: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens of samples ``idx`` (right-padded batch); the unembedding
-    runs on target positions only."""
+    runs on target positions only. Samples with images (``encoded.pixels``) go in with their ``pixel_values``."""
     device = next(model.parameters()).device
     rows = [encoded.ids[i] for i in idx]
     n = max(map(len, rows))
@@ -228,7 +235,10 @@ def batch_loss(model, encoded: Encoded, idx: np.ndarray, pad_id: int) -> torch.T
         mask[b, : len(row)] = 1
         predict[b, encoded.target_start[i] - 1 : len(row) - 1] = True
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    images = {}
+    if encoded.pixels is not None:
+        images["pixel_values"] = encoded.pixels[encoded.image_index[idx]].to(device=device, dtype=lm.dtype)
+    hidden = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), **images).last_hidden_state
     logits = lm.lm_head(hidden[predict.to(device)])
     labels = ids[:, 1:][predict[:, :-1]].to(device)
     return F.cross_entropy(logits.float(), labels)
@@ -351,30 +361,43 @@ def train(cfg: PlannerTrainConfig, out: Path) -> dict:
     }
 
 
-def _load(path: str, device: str, dtype: str):
+def load_checkpoint(path: str, device: str, dtype: str):
     return load_planner(path, device=None if device == "auto" else device, dtype=dtype)
 
 
 def evaluate_checkpoint(
-    key: str, name: str, path: Path, cfg: PlannerTrainConfig, digest: str, timings: dict, data: dict, params: int
+    key: str,
+    name: str,
+    path: Path,
+    cfg: PlannerTrainConfig,
+    digest: str,
+    timings: dict,
+    data: dict,
+    params: int,
+    recipe=None,
+    **fields,
 ) -> dict:
-    """Physics episodes of one adapter; writes ``eval.json``, ``eval_episodes.jsonl`` and the model card."""
+    """Physics episodes of one adapter; writes ``eval.json`` (with ``fields``), ``eval_episodes.jsonl`` and the model
+    card. ``recipe``: the module whose ``load_checkpoint``, ``EVAL_SETS``, ``TARGETS`` and ``model_card`` to use
+    (None: this one's; :mod:`embodied.train_smol_vla` passes itself)."""
+    recipe = recipe or sys.modules[__name__]
     result = evaluation.evaluate_checkpoint(
         path,
-        functools.partial(_load, str(path), cfg.device, cfg.dtype),
-        EVAL_SETS[key],
-        TARGETS[key],
+        functools.partial(recipe.load_checkpoint, str(path), cfg.device, cfg.dtype),
+        recipe.EVAL_SETS[key],
+        recipe.TARGETS[key],
         cfg.eval.episodes,
         seed=cfg.eval.seed,
         batch_size=cfg.eval.batch_size,
         workers=cfg.eval.workers,
         policy=name,
         base=cfg.base,
+        **fields,
         data_hash=digest,
         timings=timings,
         trainable_params=params,
     )
-    (path / "README.md").write_text(model_card(key, name, cfg, result, data))
+    (path / "README.md").write_text(recipe.model_card(key, name, cfg, result, data))
     return result
 
 
@@ -426,3 +449,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 {OmegaConf.to_yaml(OmegaConf.structured(cfg)).strip()}
 ```
 """
+
+
+# The smol-vla recipe (``--config-name smol_vla``) builds on this one and registers its schema when imported.
+from embodied import train_smol_vla  # noqa: E402, F401

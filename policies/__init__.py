@@ -57,14 +57,32 @@ def smollm2_path() -> tuple[Path, str]:
 
 def load(name_or_path: str | Path, device: str | None = None, dtype: str | None = None) -> Policy:
     """A policy from a built-in name or a checkpoint folder. ``device`` None: CUDA when present, else the CPU."""
-    from policies.planner import is_planner_checkpoint, load_planner
+    from policies.planner import load_planner
+    from policies.smol_vla import load_vla
     from policies.tiny_vla.policy import TinyVLAPolicy
 
     path = checkpoint_path(name_or_path)
     name = str(name_or_path) if str(name_or_path) in BUILTIN + PLANNERS else path.name
-    if is_planner_checkpoint(path):  # a LoRA adapter on a pretrained chat model (policies.planner)
+    kind = checkpoint_kind(path)
+    if kind == "planner":  # a LoRA adapter on a pretrained chat model (policies.planner)
         return load_planner(path, device=device, dtype=dtype or "float32", name=name)
+    if kind == "smol_vla":  # a LoRA adapter and a vision tower on a pretrained chat model (policies.smol_vla)
+        return load_vla(path, device=device, dtype=dtype or "float32", name=name)
     return TinyVLAPolicy.from_pretrained(path, name=name, device=device, dtype=dtype)
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """What a checkpoint folder holds, from its ``policy.json``: ``planner`` (a LoRA planner, :mod:`policies.planner`),
+    ``smol_vla`` (a LoRA adapter and a vision tower on a pretrained LM, :mod:`policies.smol_vla`) or ``tiny_vla``
+    (a whole model, :mod:`policies.tiny_vla`)."""
+    from policies.planner import is_planner_checkpoint
+    from policies.smol_vla import is_vla_checkpoint
+
+    if is_planner_checkpoint(path):
+        return "planner"
+    if is_vla_checkpoint(path):
+        return "smol_vla"
+    return "tiny_vla"
 
 
 __all__ = [
@@ -75,6 +93,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "Decision",
     "Policy",
+    "checkpoint_kind",
     "checkpoint_path",
     "load",
     "smollm2_path",

@@ -63,18 +63,20 @@ def write_policy_file(path: str | Path, base: str, codec: ActionCodec, system_pr
     (Path(path) / POLICY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def is_planner_checkpoint(path: str | Path) -> bool:
+def is_planner_checkpoint(path: str | Path, kind: str = KIND) -> bool:
+    """Whether ``path``'s ``policy.json`` says ``kind`` (this module's, or another adapter checkpoint's)."""
     meta = Path(path) / POLICY_FILE
-    return meta.is_file() and json.loads(meta.read_text()).get("kind") == KIND
+    return meta.is_file() and json.loads(meta.read_text()).get("kind") == kind
 
 
-def read_policy_file(path: str | Path) -> dict:
+def read_policy_file(path: str | Path, kind: str = KIND) -> dict:
+    """The ``policy.json`` of an adapter checkpoint of ``kind``; a clear error when it is not one."""
     meta_path = Path(path) / POLICY_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} has no {POLICY_FILE}: not a planner checkpoint (embodied-train writes one)")
+        raise FileNotFoundError(f"{path} has no {POLICY_FILE}: not a {kind} checkpoint (embodied-train writes one)")
     meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{meta_path} says kind {meta.get('kind')!r}, not {KIND!r}")
+    if meta.get("kind") != kind:
+        raise ValueError(f"{meta_path} says kind {meta.get('kind')!r}, not {kind!r}")
     if not (Path(path) / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (a LoRA adapter in safetensors)")
     return meta
