@@ -160,5 +160,28 @@ _COMMAND = re.compile(
 )
 
 
+def translate_command(text: str, du: int, dv: int, size: int) -> str:
+    """The command ``text`` with every pixel moved by ``du`` columns and ``dv`` rows, clamped to the
+    ``size`` x ``size`` image (the command an image translated so would call for); text that is not a command,
+    a refusal included, comes back as it is."""
+    m = _COMMAND.fullmatch(" ".join(str(text).split()))
+    if m is None:
+        return str(text)
+    words = m.string.split()
+    pairs = [1] + [i + 1 for i, w in enumerate(words) if w == "to"]  # where each u v pair starts
+    for i in pairs:
+        words[i] = str(min(max(int(words[i]) + du, 0), size - 1))
+        words[i + 1] = str(min(max(int(words[i + 1]) + dv, 0), size - 1))
+    return " ".join(words)
+
+
+def command_pixels(text: str) -> list[tuple[int, int]]:
+    """The pixels ``(u, v)`` a command names (target, then goal); none for text that is not a command."""
+    m = _COMMAND.fullmatch(" ".join(str(text).split()))
+    if m is None:
+        return []
+    return [(int(m[u]), int(m[v])) for u, v in (("u", "v"), ("gu", "gv")) if m[u] is not None]
+
+
 def _nearest(bins, value: float) -> int:
     return int(np.argmin([abs(b - value) for b in bins]))

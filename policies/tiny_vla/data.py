@@ -22,7 +22,7 @@ import numpy as np
 from envs.instructions import combo_harmful, describe, make_task, scene_combos
 from envs.oracle import literal_command
 from envs.tabletop import TabletopEnv
-from policies.codec import ActionCodec
+from policies.codec import ActionCodec, command_pixels, translate_command
 
 DATA_VERSION = 3
 SAMPLE_FIELDS = ("scene", "instruction", "command", "harmful", "category", "template", "vision", "seed")
@@ -142,6 +142,82 @@ def generate(spec: DataSpec, cache_dir: str | os.PathLike | None = None, workers
             np.savez_compressed(f, **data)
         os.replace(f.name, path)
     return data
+
+
+def shifted_copies(data: dict, copies: int, max_shift: int, seed: int = 0) -> dict:
+    """``data`` with ``copies`` translated copies of every scene appended (after the original scenes and samples).
+
+    Each copy moves its scene's image by a random whole number of pixels on each axis (at most ``max_shift``; the
+    border pixels fill the strip left behind), and every pixel its object list and its samples' commands name by
+    the same amount, so the copy asks for the same actions at the new place in the image. A shift never moves a
+    named pixel out of the image, and a pixel on the border (the codec clamps points outside the view there) only
+    moves further outwards, where it stays clamped. The pointing is then trained on ``copies + 1`` times as many
+    (object, place) pairs as the environments rendered.
+    """
+    if copies < 0 or max_shift < 0:
+        raise ValueError(f"shifted copies and max_shift must be >= 0, got {copies} and {max_shift}")
+    if copies == 0:
+        return data
+    if "scene_text" in data:
+        raise ValueError(
+            "shifted copies cannot move the pixels written in scene texts: set data.shifted_copies=0 for a recipe "
+            "that reads them (the planner's)"
+        )
+    images = np.asarray(data["image"])
+    n_scenes, size = len(images), images.shape[1]
+    scene = np.asarray(data["scene"])
+    samples_of = [np.flatnonzero(scene == s) for s in range(n_scenes)]
+    rng = np.random.default_rng([seed, copies, max_shift])
+    sample_keys = [k for k in data if k not in ("image", "objects")]
+    new: dict[str, list] = {"image": [], "objects": [], **{k: [] for k in sample_keys}}
+    for c in range(1, copies + 1):
+        for s in range(n_scenes):
+            objects = str(data["objects"][s])
+            pixels = _object_pixels(objects) + [p for i in samples_of[s] for p in command_pixels(data["command"][i])]
+            du, dv = (_draw_shift([p[a] for p in pixels], size, max_shift, rng) for a in (0, 1))
+            rows = np.clip(np.arange(size) - dv, 0, size - 1)
+            cols = np.clip(np.arange(size) - du, 0, size - 1)
+            new["image"].append(images[s][rows][:, cols])
+            new["objects"].append(_shift_objects(objects, du, dv, size))
+            for i in samples_of[s]:
+                for k in sample_keys:
+                    value = data[k][i]
+                    if k == "scene":
+                        value = c * n_scenes + s
+                    elif k == "command":
+                        value = translate_command(value, du, dv, size)
+                    new[k].append(value)
+    # concatenated as arrays of their own: a moved command may need a wider string type than the original's
+    return {k: np.concatenate([np.asarray(data[k]), np.asarray(new[k])]) for k in data}
+
+
+def _object_pixels(objects: str) -> list[tuple[int, int]]:
+    items = filter(None, (x.strip() for x in objects.split(";")))
+    return [(int(item.split()[-2]), int(item.split()[-1])) for item in items]
+
+
+def _shift_objects(objects: str, du: int, dv: int, size: int) -> str:
+    """:func:`scene_objects`' text with every pixel moved (clamped to the image), still in raster order."""
+    items = []
+    for item in filter(None, (x.strip() for x in objects.split(";"))):
+        *name, u, v = item.split()
+        u, v = (min(max(int(x) + d, 0), size - 1) for x, d in ((u, du), (v, dv)))
+        items.append((v, u, f"{' '.join(name)} {u} {v}"))
+    return " ; ".join(text for _, _, text in sorted(items))
+
+
+def _draw_shift(coordinates: list[int], size: int, max_shift: int, rng: np.random.Generator) -> int:
+    """A shift along one axis that keeps every coordinate inside the image; one on the border may only move
+    outwards (it may stand for a point beyond the view)."""
+    low, high = -max_shift, max_shift
+    for x in coordinates:
+        if x <= 0:
+            high = min(high, 0)
+        elif x >= size - 1:
+            low = max(low, 0)
+        else:
+            low, high = max(low, -x), min(high, size - 1 - x)
+    return int(rng.integers(low, high + 1))
 
 
 def data_hash(data: dict) -> str:

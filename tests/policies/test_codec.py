@@ -6,7 +6,7 @@ from envs.oracle import literal_command
 from envs.scene import ObjectSpec, SceneSpec
 from envs.skills import SkillCommand
 from envs.tabletop import TabletopEnv
-from policies.codec import HEIGHTS, SPEEDS, ActionCodec
+from policies.codec import HEIGHTS, SPEEDS, ActionCodec, command_pixels, translate_command
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,17 @@ def test_refusals_decode_to_refuse(world, text, refused):
 def test_bad_text_is_an_error_not_an_exception(world, text, message):
     decoded = world[1].decode(text)
     assert decoded.command is None and message in decoded.error
+
+
+def test_translate_command_moves_target_and_goal_and_clamps_to_the_image():
+    moved = translate_command("pick_place 21 40 to 33 12 h 2 speed 2", 3, -5, 64)
+    assert moved == "pick_place 24 35 to 36 7 h 2 speed 2"
+    assert translate_command("move 40 15 h 9 speed 7", -2, 1, 64) == "move 38 16 h 9 speed 7"
+    assert translate_command("handover 62 1 to 0 30 h 4 speed 2", 4, -4, 64) == "handover 63 0 to 4 26 h 4 speed 2"
+    for text in ("refuse", "I cannot do that: it could hurt someone or damage something.", "juggle 1 2"):
+        assert translate_command(text, 5, 5, 64) == text
+    assert command_pixels("strike 1 2 to 3 4 h 5 speed 6") == [(1, 2), (3, 4)]
+    assert command_pixels("move 7 8 h 9 speed 1") == [(7, 8)] and command_pixels("refuse") == []
 
 
 def test_decoded_text_does_in_physics_what_the_command_did():

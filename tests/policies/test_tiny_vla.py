@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from envs.instructions import combos, render, templates
-from policies.tiny_vla.data import DataSpec, data_hash, generate
+from policies.codec import command_pixels
+from policies.tiny_vla.data import DataSpec, data_hash, generate, shifted_copies
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
 from policies.tiny_vla.processing_tiny_vla import POST_INSTRUCTION, REFUSAL, build_processor, prompt
 
@@ -74,6 +75,41 @@ def test_data_is_reproducible_and_cached(tmp_path):
     assert all(
         cmd.split()[0] in {"pick_place", "handover", "push", "throw", "pour", "strike", "move"} for cmd in a["command"]
     )
+
+
+def test_shifted_copies_move_image_objects_and_commands_together(tmp_path):
+    data = generate(DataSpec(scenes=4, tasks_per_scene=3, seed=2), cache_dir=tmp_path, workers=1)
+    assert shifted_copies(data, 0, 8) is data
+    out = shifted_copies(data, 2, 6, seed=1)
+    n, m = len(data["image"]), len(data["command"])
+    assert out["image"].shape == (3 * n, 64, 64, 3) and len(out["command"]) == 3 * m
+    assert data_hash(shifted_copies(data, 2, 6, seed=1)) == data_hash(out)  # seeded
+    for k in data:  # the originals come first, untouched
+        assert np.array_equal(out[k][: len(data[k])], data[k])
+    moved = 0
+    for i in range(m, 3 * m):
+        source = i % m
+        s, c = int(out["scene"][i]), int(out["scene"][source])
+        assert s % n == c and s >= n
+        for k in ("instruction", "harmful", "category", "template", "vision", "seed"):
+            assert out[k][i] == data[k][source]
+        before, after = command_pixels(data["command"][source]), command_pixels(out["command"][i])
+        assert len(before) == len(after)
+        for (u0, v0), (u1, v1) in zip(before, after, strict=True):
+            du, dv = u1 - u0, v1 - v0
+            assert max(abs(du), abs(dv)) <= 6
+            if 0 < u0 < 63 and 0 < v0 < 63:  # not a clamped pixel: the image shows there what it showed before
+                assert np.array_equal(out["image"][s][v1, u1], data["image"][c][v0, u0])
+                moved += (du, dv) != (0, 0)
+    assert moved > 0
+    objects = [item.split()[-2:] for item in str(out["objects"][n]).split(" ; ")]
+    for (u, v), item in zip(objects, str(data["objects"][0]).split(" ; "), strict=True):
+        u0, v0 = item.split()[-2:]
+        assert np.array_equal(out["image"][n][int(v), int(u)], data["image"][0][int(v0), int(u0)])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        shifted_copies(data, -1, 8)
+    with pytest.raises(ValueError, match="data.shifted_copies=0"):
+        shifted_copies({**data, "scene_text": np.asarray(["red cube at 12 40"] * n)}, 1, 8)
 
 
 def test_every_posed_task_fits_its_scene():
