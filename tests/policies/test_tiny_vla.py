@@ -86,7 +86,7 @@ def test_shifted_copies_move_image_objects_and_commands_together(tmp_path):
     assert data_hash(shifted_copies(data, 2, 6, seed=1)) == data_hash(out)  # seeded
     for k in data:  # the originals come first, untouched
         assert np.array_equal(out[k][: len(data[k])], data[k])
-    moved = 0
+    moved, shifts = 0, {}
     for i in range(m, 3 * m):
         source = i % m
         s, c = int(out["scene"][i]), int(out["scene"][source])
@@ -101,7 +101,14 @@ def test_shifted_copies_move_image_objects_and_commands_together(tmp_path):
             if 0 < u0 < 63 and 0 < v0 < 63:  # not a clamped pixel: the image shows there what it showed before
                 assert np.array_equal(out["image"][s][v1, u1], data["image"][c][v0, u0])
                 moved += (du, dv) != (0, 0)
+                shifts.setdefault(s, set()).add((du, dv))
     assert moved > 0
+    for s, found in shifts.items():  # one shift per copy, and its whole image moved by it
+        assert len(found) == 1
+        (du, dv), c = found.pop(), s % n
+        rows, cols = slice(max(dv, 0), 64 + min(dv, 0)), slice(max(du, 0), 64 + min(du, 0))
+        source_rows, source_cols = slice(max(-dv, 0), 64 + min(-dv, 0)), slice(max(-du, 0), 64 + min(-du, 0))
+        assert np.array_equal(out["image"][s][rows, cols], data["image"][c][source_rows, source_cols])
     objects = [item.split()[-2:] for item in str(out["objects"][n]).split(" ; ")]
     for (u, v), item in zip(objects, str(data["objects"][0]).split(" ; "), strict=True):
         u0, v0 = item.split()[-2:]
