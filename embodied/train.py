@@ -34,7 +34,7 @@ from embodied.evaluation import EVAL_SEED
 from embodied.metrics import target_rows
 from envs.tabletop import TabletopConfig
 from policies.tiny_vla.auxiliary import build_auxiliary, load_heads, save_heads
-from policies.tiny_vla.data import DataSpec, data_hash, generate, shifted_copies
+from policies.tiny_vla.data import DataSpec, append_scenes, data_hash, generate, shifted_copies, vision_pairs
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, arch_of, build_model
 from policies.tiny_vla.policy import resolve_device, resolve_dtype, write_policy_file
 from policies.tiny_vla.processing_tiny_vla import build_processor, image_statistics
@@ -66,6 +66,10 @@ class DataConfig:
     image and commands moved together); the committed checkpoints were trained without."""
     max_shift: int = 8
     """The largest translation of a shifted copy, in pixels per axis."""
+    vision_pairs: int = 0
+    """Minimal pairs of the vision-dependent category added to the rendered scenes
+    (``policies.tiny_vla.data.vision_pairs``: one scene with a blade of the named colour, the same scene with a
+    safe object there); the committed checkpoints were trained without."""
 
     def spec(self, scene_texts: bool = False) -> DataSpec:
         """The train-split data these settings describe (``scene_texts``: keep each scene as text too)."""
@@ -81,7 +85,10 @@ class DataConfig:
 
     def load(self, scene_texts: bool = False) -> tuple[dict, str]:
         """The data (generated, or from the cache) and its content hash, which model cards record."""
-        data = generate(self.spec(scene_texts), cache_dir=self.cache_dir, workers=self.workers)
+        spec = self.spec(scene_texts)
+        data = generate(spec, cache_dir=self.cache_dir, workers=self.workers)
+        if self.vision_pairs:
+            data = append_scenes(data, vision_pairs(spec, self.vision_pairs, self.cache_dir, self.workers))
         data = shifted_copies(data, self.shifted_copies, self.max_shift, seed=self.seed)
         return data, data_hash(data)
 
@@ -346,11 +353,14 @@ def model_card(name: str, cfg: TrainConfig, result: dict, data: dict, params: in
     if cfg.base_checkpoint is not None:
         how = f" ({probes_note})" if probes_note else ""
         stage_one = f"- Stage 1 not trained here: safety-tuned from `{cfg.base_checkpoint}`{how}.\n"
-    shifted = ""
+    added = ""
+    if cfg.data.vision_pairs:
+        pairs = cfg.data.vision_pairs
+        added += f"; with {pairs} minimal pairs of the vision-dependent category (2 scenes, 1 instruction each)"
     if cfg.data.shifted_copies:
         rendered = len(data["image"]) // (cfg.data.shifted_copies + 1)
         copies, most = cfg.data.shifted_copies, cfg.data.max_shift
-        shifted = f"; {rendered} rendered, each with {copies} copies shifted by up to {most} px"
+        added += f"; {rendered} rendered, each with {copies} copies shifted by up to {most} px"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -376,7 +386,7 @@ Physics-judged episodes on held-out seeds (from {result["eval_seed"]}), test-spl
 
 ## Training
 - Data: {len(data["image"])} scenes x {cfg.data.tasks_per_scene} instructions = {len(data["command"])} samples from the
-  train split (seed {cfg.data.seed}{shifted}); data hash `{result["data_hash"]}`.
+  train split (seed {cfg.data.seed}{added}); data hash `{result["data_hash"]}`.
 {stage_one}- Time on this machine: data {t["data_s"]} s, capability {t["capability_s"]} s, safety {t["safety_s"]} s
   (training {t["train_s"]} s), evaluation {t["eval_s"]} s.
 

@@ -539,6 +539,33 @@ def sample_scene(request: SceneRequest, rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(tuple(objects), tuple(containers), tuple(person_specs))
 
 
+def swap_kind(spec: SceneSpec, obj: tuple[str, str], kind: str, rng: np.random.Generator) -> SceneSpec:
+    """``spec`` with the object ``obj`` (kind, colour) made a ``kind`` of the same colour at the same place, its yaw
+    drawn as :func:`sample_scene` draws it: the scene that differs from ``spec`` only in what that object is.
+
+    The place was drawn for the old kind, so the new one must fit there: no larger (``radius``) and, for a blade,
+    inside ``SHARP_Y``; otherwise a ``ValueError`` says which.
+    """
+    old_kind, color = obj
+    index = next((i for i, o in enumerate(spec.objects) if (o.kind, o.color) == obj), None)
+    if index is None:
+        raise ValueError(f"the scene holds no {color} {old_kind}: {[o.name for o in spec.objects]}")
+    if kind not in CATALOG:
+        raise ValueError(f"unknown object kind {kind!r}; catalog: {sorted(CATALOG)}")
+    new, old = CATALOG[kind], spec.objects[index]
+    if new.radius > CATALOG[old_kind].radius:
+        raise ValueError(
+            f"a {kind} (radius {new.radius}) may touch the neighbours placed around a {old_kind} "
+            f"(radius {CATALOG[old_kind].radius}): swap into a kind no larger, or sample the larger one first"
+        )
+    low, high = _y_range(new)
+    if not low <= old.y <= high:
+        raise ValueError(f"a {kind} must lie within y {low}..{high}; the {color} {old_kind} is at y {old.y:.3f}")
+    objects = list(spec.objects)
+    objects[index] = ObjectSpec(kind, color, old.x, old.y, float(_sample_yaw(new, rng)))
+    return SceneSpec(tuple(objects), spec.containers, spec.people, spec.zones)
+
+
 def _y_range(kind: ObjectKind) -> tuple[float, float]:
     """Blades lie in the middle of the table, pointing away from the robot, not at the people at its sides."""
     return SHARP_Y if kind.blade else WORKSPACE_Y

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.instructions import combo_harmful, describe, make_task, scene_combos
+from envs.instructions import combo_harmful, combos_in, describe, make_task, scene_combos, scene_request, template
 from envs.oracle import literal_command
+from envs.scene import sample_scene, swap_kind
 from envs.tabletop import TabletopEnv
 from policies.codec import ActionCodec, command_pixels, translate_command
 
@@ -89,17 +90,22 @@ def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
                 phrasings = t.phrasings_in(spec.split)
                 tasks.append(make_task(t, c, phrasings[int(rng.integers(len(phrasings)))], spec.split))
             for task in tasks:
-                out["scene"].append(i - start)
-                out["instruction"].append(task.instruction)
-                out["command"].append(codec.encode(literal_command(task, env.sim, env.scene)))
-                out["harmful"].append(bool(task.harmful))
-                out["category"].append(task.category)
-                out["template"].append(task.template)
-                out["vision"].append(bool(task.vision))
-                out["seed"].append(seed)
+                _record(out, env, codec, task, i - start, seed)
     finally:
         env.close()
     return out
+
+
+def _record(out: dict[str, list], env: TabletopEnv, codec: ActionCodec, task, scene: int, seed: int) -> None:
+    """Appends one sample: ``task`` posed on the scene ``env`` shows (its ``scene``-th in ``out``)."""
+    out["scene"].append(scene)
+    out["instruction"].append(task.instruction)
+    out["command"].append(codec.encode(literal_command(task, env.sim, env.scene)))
+    out["harmful"].append(bool(task.harmful))
+    out["category"].append(task.category)
+    out["template"].append(task.template)
+    out["vision"].append(bool(task.vision))
+    out["seed"].append(seed)
 
 
 def scene_objects(env: TabletopEnv, codec: ActionCodec, containers: bool = False) -> str:
@@ -123,19 +129,106 @@ def generate(spec: DataSpec, cache_dir: str | os.PathLike | None = None, workers
     indexes the per-scene fields.
     """
     path = Path(cache_dir) / f"tiny_vla_data_{spec.key()}.npz" if cache_dir else None
+    return _cached(path, _generate_range, spec, spec.scenes, workers)
+
+
+def vision_pairs(spec: DataSpec, pairs: int, cache_dir: str | os.PathLike | None = None, workers: int = 2) -> dict:
+    """``pairs`` minimal pairs of the vision-dependent category, in :func:`generate`'s layout (two scenes and two
+    samples a pair; from the cache when present).
+
+    A pair is one seeded scene of ``spec.split`` in which the named colour's object is a blade, and the same scene
+    with that object made a safe kind of the same colour at the same place (``envs.scene.swap_kind``): the same
+    instruction ("pass the red item to the child"), harmful on the first image and benign on the second. The
+    instruction is the same and so is every other object, so only what the image shows at that place tells the two
+    apart. Both combinations belong to ``spec.split``; scene seeds start at ``PAIR_SEED`` (``pair_seed``).
+    """
+    if pairs < 0:
+        raise ValueError(f"vision pairs must be >= 0, got {pairs}")
+    blob = json.dumps({"spec": spec.key(), "vision_pairs": pairs, "template": VISION_TEMPLATE}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"tiny_vla_pairs_{key}.npz" if cache_dir else None
+    return _cached(path, _pair_range, spec, pairs, workers)
+
+
+VISION_TEMPLATE = "vision_handover_child"
+PAIR_SEED = 500_000
+"""Minimal pairs' scenes are seeded from ``scene_seed(spec, PAIR_SEED + i)``, apart from the rendered scenes'."""
+
+
+def pair_seed(spec: DataSpec, index: int) -> int:
+    return scene_seed(spec, PAIR_SEED + index)
+
+
+def _pair_range(spec: DataSpec, start: int, stop: int) -> dict:
+    env = TabletopEnv(image_size=spec.image_size, split=spec.split)
+    codec = ActionCodec.for_env(env)
+    out: dict[str, list] = {k: [] for k in ("image", "objects", *SAMPLE_FIELDS)}
+    if spec.scene_texts:
+        from policies.hf import scene_text
+
+        out["scene_text"] = []
+    t = template(VISION_TEMPLATE)
+    combos = combos_in(t, spec.split)
+    twins = {  # every blade combination with the safe ones of its colour (and person, region)
+        c: [
+            s
+            for s in combos
+            if not combo_harmful(t, s) and (s.object[1], s.person, s.region) == (c.object[1], c.person, c.region)
+        ]
+        for c in combos
+        if combo_harmful(t, c)
+    }
+    blades = [c for c in twins if twins[c]]  # (no safe kind comes in black)
+    if not blades:
+        raise ValueError(f"{VISION_TEMPLATE}: no {spec.split}-split blade combination has a safe twin")
+    phrasings = t.phrasings_in(spec.split)
+    try:
+        for i in range(start, stop):
+            seed = pair_seed(spec, i)
+            rng = np.random.default_rng(seed)
+            blade = blades[int(rng.integers(len(blades)))]
+            safe = twins[blade][int(rng.integers(len(twins[blade])))]
+            phrasing = phrasings[int(rng.integers(len(phrasings)))]
+            scene = sample_scene(scene_request(t, blade), rng)
+            twin = swap_kind(scene, blade.object, safe.object[0], rng)
+            for combo, layout in ((blade, scene), (safe, twin)):
+                task = make_task(t, combo, phrasing, spec.split)
+                obs, _ = env.reset(seed=seed, options={"scene": layout, "instruction": task.instruction})
+                out["image"].append(obs["image"])
+                out["objects"].append(scene_objects(env, codec, spec.containers))
+                if spec.scene_texts:
+                    out["scene_text"].append(scene_text(env.layout(), codec))
+                _record(out, env, codec, task, len(out["image"]) - 1, seed)
+    finally:
+        env.close()
+    return out
+
+
+def append_scenes(data: dict, extra: dict) -> dict:
+    """``extra``'s scenes and samples after ``data``'s (its ``scene`` indices moved past ``data``'s scenes)."""
+    if set(data) != set(extra):
+        raise ValueError(f"cannot append data with fields {sorted(extra)} to data with fields {sorted(data)}")
+    moved = {**extra, "scene": np.asarray(extra["scene"]) + len(data["image"])}
+    return {k: np.concatenate([np.asarray(data[k]), np.asarray(moved[k])]) for k in data}
+
+
+def _cached(path: Path | None, make_range, spec: DataSpec, n: int, workers: int) -> dict:
+    """``make_range(spec, start, stop)`` over ``range(n)`` in ``workers`` processes, joined (scene indices moved to
+    the whole), and kept at ``path``; read from ``path`` when it exists."""
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    bounds = np.linspace(0, spec.scenes, max(1, workers) + 1).astype(int)
+    bounds = np.linspace(0, n, max(1, workers) + 1).astype(int)
     chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(len(chunks)) as pool:
-            parts = list(pool.map(_generate_range, [spec] * len(chunks), *zip(*chunks, strict=True)))
+            parts = list(pool.map(make_range, [spec] * len(chunks), *zip(*chunks, strict=True)))
     else:
-        parts = [_generate_range(spec, a, b) for a, b in chunks]
-    for (a, _), part in zip(chunks, parts, strict=True):
-        part["scene"] = [s + a for s in part["scene"]]
-    data = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+        parts = [make_range(spec, a, b) for a, b in chunks]
+    data = parts[0]
+    data = {k: np.asarray(v) for k, v in data.items()}
+    for part in parts[1:]:
+        data = append_scenes(data, {k: np.asarray(v) for k, v in part.items()})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:

@@ -62,6 +62,21 @@ def test_train_writes_both_checkpoints_with_cards_and_evaluations(tmp_path):
     assert not any("aux_loss" in r for r in log)
 
 
+def test_vision_pairs_join_the_rendered_scenes_and_the_card_says_so(tmp_path):
+    cfg = _config(tmp_path, ["data.vision_pairs=2", "data.shifted_copies=1"])
+    data, digest = cfg.data.load()
+    plain, _ = _config(tmp_path).data.load()
+    assert len(data["image"]) == 2 * (6 + 4) and len(data["command"]) == 2 * (len(plain["command"]) + 4)
+    n = len(plain["command"])
+    assert list(data["scene"][n : n + 4]) == [6, 7, 8, 9] and list(data["harmful"][n : n + 4]) == [1, 0, 1, 0]
+    from embodied.train import model_card
+
+    result = {"timings": dict.fromkeys(("data_s", "capability_s", "safety_s", "train_s", "eval_s"), 0.0)}
+    result |= {"eval_seed": 0, "episodes_per_set": 0, "data_hash": digest, "eval": {}, "targets": {}}
+    card = model_card("tiny-vla", cfg, result, data, 1)
+    assert "with 2 minimal pairs of the vision-dependent category" in card and "1 copies shifted" in card
+
+
 def test_probes_train_in_both_stages_and_a_bad_layer_is_named(tmp_path):
     with pytest.raises(ValueError, match="probe_layer must be in 1..2"):
         train(_config(tmp_path, ["probes=true", "probe_layer=5"]), tmp_path / "bad")

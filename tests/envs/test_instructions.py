@@ -121,3 +121,25 @@ def test_every_phrasing_parses_back_to_its_task(t):
 def test_unknown_text_does_not_parse():
     spec = sample_scene(scene_request(templates()[0], combos(templates()[0])[0]), np.random.default_rng(0))
     assert parse_instruction("recite a poem about the sea", spec) is None
+
+
+def test_swap_kind_changes_only_that_object_and_refuses_what_would_not_fit():
+    from envs.scene import ObjectSpec, PersonSpec, SceneSpec, swap_kind
+
+    scene = SceneSpec(
+        objects=(ObjectSpec("knife", "red", 0.4, 0.0, 0.1), ObjectSpec("cube", "blue", 0.3, 0.2)),
+        people=(PersonSpec("child", "left_near"),),
+    )
+    twin = swap_kind(scene, ("knife", "red"), "cube", np.random.default_rng(0))
+    swapped, other = twin.objects
+    assert (swapped.kind, swapped.color, swapped.x, swapped.y) == ("cube", "red", 0.4, 0.0)
+    assert other == scene.objects[1] and twin.people == scene.people
+    with pytest.raises(ValueError, match="may touch the neighbours"):
+        swap_kind(scene, ("cube", "blue"), "knife", np.random.default_rng(0))  # a knife is larger than a cube
+    with pytest.raises(ValueError, match="holds no green knife"):
+        swap_kind(scene, ("knife", "green"), "cube", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown object kind"):
+        swap_kind(scene, ("knife", "red"), "spoon", np.random.default_rng(0))
+    posed = SceneSpec(objects=(ObjectSpec("knife", "red", 0.4, 0.2),))  # a user may pose a blade anywhere
+    with pytest.raises(ValueError, match="must lie within y"):  # the sampler keeps them mid-table
+        swap_kind(posed, ("knife", "red"), "scissors", np.random.default_rng(0))

@@ -7,7 +7,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from envs.instructions import combos, render, templates
 from policies.codec import command_pixels
-from policies.tiny_vla.data import DataSpec, data_hash, generate, shifted_copies
+from policies.tiny_vla.data import (
+    DataSpec,
+    append_scenes,
+    data_hash,
+    generate,
+    shifted_copies,
+    vision_pairs,
+)
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
 from policies.tiny_vla.processing_tiny_vla import POST_INSTRUCTION, REFUSAL, build_processor, prompt
 
@@ -117,6 +124,47 @@ def test_shifted_copies_move_image_objects_and_commands_together(tmp_path):
         shifted_copies(data, -1, 8)
     with pytest.raises(ValueError, match="data.shifted_copies=0"):
         shifted_copies({**data, "scene_text": np.asarray(["red cube at 12 40"] * n)}, 1, 8)
+
+
+def test_vision_pairs_differ_only_in_what_the_named_object_is(tmp_path):
+    from envs.instructions import Combo, combo_splits
+    from envs.scene import CATALOG
+
+    spec = DataSpec(seed=3)
+    pairs = vision_pairs(spec, 6, cache_dir=tmp_path, workers=2)
+    assert len(pairs["image"]) == 12 and len(pairs["command"]) == 12
+    assert list(pairs["scene"]) == list(range(12))
+    assert list(pairs["harmful"]) == [True, False] * 6
+    assert set(pairs["category"]) == {"vision_handover"} and pairs["vision"].all()
+    assert data_hash(vision_pairs(spec, 6, cache_dir=tmp_path)) == data_hash(pairs)  # cached
+    assert data_hash(vision_pairs(spec, 6, cache_dir=None, workers=1)) == data_hash(pairs)  # seeded, any workers
+    splits = combo_splits("vision_handover_child")
+    for i in range(0, 12, 2):
+        assert pairs["instruction"][i] == pairs["instruction"][i + 1]
+        assert pairs["command"][i].split()[0] == "handover"
+        color = next(w for w in pairs["instruction"][i].split() if w in ("red", "green", "blue", "yellow"))
+        blade, safe = ([o for o in str(pairs["objects"][j]).split(" ; ") if o.startswith(color)] for j in (i, i + 1))
+        assert len(blade) == len(safe) == 1
+        blade_kind, safe_kind = blade[0].split()[1], safe[0].split()[1]
+        assert CATALOG[blade_kind].blade and CATALOG[safe_kind].safe
+        for kind in (blade_kind, safe_kind):  # both combinations are of the train split
+            assert splits[Combo(object=(kind, color), person="child", region="hand").key()] == "train"
+        others = [set(str(pairs["objects"][j]).split(" ; ")) - {blade[0], safe[0]} for j in (i, i + 1)]
+        assert others[0] == others[1]  # every other object where it was
+        u, v = (int(x) for x in blade[0].split()[-2:])
+        changed = np.argwhere((pairs["image"][i] != pairs["image"][i + 1]).any(-1))
+        assert len(changed) > 0 and np.abs(changed - [v, u]).max() <= 8  # only around the swapped object
+    with pytest.raises(ValueError, match="must be >= 0"):
+        vision_pairs(spec, -1)
+
+
+def test_append_scenes_moves_the_scene_indices_past_the_first_datas():
+    first = {"image": np.zeros((2, 1)), "scene": np.array([0, 1, 1])}
+    second = {"image": np.ones((3, 1)), "scene": np.array([0, 2])}
+    out = append_scenes(first, second)
+    assert list(out["scene"]) == [0, 1, 1, 2, 4] and out["image"].shape == (5, 1)
+    with pytest.raises(ValueError, match="cannot append data with fields"):
+        append_scenes(first, {"image": second["image"]})
 
 
 def test_every_posed_task_fits_its_scene():
