@@ -5,7 +5,8 @@ scissors and benign when it is a cube, a ball or a sponge. On minimal pairs (``d
 and instruction, only that object's kind changed) a logistic-regression probe is fit on train-split pairs and
 scored on pairs of another seed, reading
 
-- the raw pixels of a square crop centred on the object (what the image holds),
+- the raw pixels of a square crop centred on the object (what the image holds), and of the patch on the vision
+  tower's grid that holds the object's pixel (what one image token sees),
 - the residual stream at the image token of the patch that holds the object's pixel, after every decoder layer
   (what the vision tower delivered there),
 - the residual stream at the last prompt token, where the answer (refuse or act) is decided.
@@ -44,6 +45,18 @@ def pixel_crops(data: dict, side: int) -> torch.Tensor:
         image = np.asarray(data["image"][data["scene"][i]], dtype=np.float32) / 255
         padded = np.pad(image, ((half, half), (half, half), (0, 0)), mode="edge")
         out.append(padded[v : v + side, u : u + side].ravel())
+    return torch.as_tensor(np.stack(out))
+
+
+def pixel_patches(data: dict, patch: int) -> torch.Tensor:
+    """Per sample, the pixels of the vision tower's ``patch`` x ``patch`` patch (on the image's grid) that holds the
+    named object's pixel, flattened, in [0, 1]: what one image token sees."""
+    out = []
+    for i in range(len(data["command"])):
+        u, v = named_object_pixel(str(data["instruction"][i]), str(data["objects"][data["scene"][i]]))
+        image = np.asarray(data["image"][data["scene"][i]], dtype=np.float32) / 255
+        top, left = v // patch * patch, u // patch * patch
+        out.append(image[top : top + patch, left : left + patch].ravel())
     return torch.as_tensor(np.stack(out))
 
 
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = linear_readout(pixel_crops(fit, side), y, pixel_crops(held, side), y_held)
         table.add_row(f"pixels, {side}x{side} crop on the object", *(f"{a:.2f}" for a in accuracy))
     policy = policies.load(args.checkpoint, device=args.device)
+    patch = policy.processor.patch_size
+    accuracy = linear_readout(pixel_patches(fit, patch), y, pixel_patches(held, patch), y_held)
+    table.add_row(f"pixels, the object's {patch}x{patch} patch", *(f"{a:.2f}" for a in accuracy))
     (obj, last), (obj_held, last_held) = residuals(policy, fit), residuals(policy, held)
     for layer in range(obj.shape[1]):
         for name, x, x_held in (("object's image token", obj, obj_held), ("last prompt token", last, last_held)):

@@ -10,7 +10,7 @@ from policies.tiny_vla.data import DataSpec, vision_pairs
 from policies.tiny_vla.modeling_tiny_vla import TinyVLAArch, build_model
 from policies.tiny_vla.policy import write_policy_file
 from policies.tiny_vla.processing_tiny_vla import build_processor
-from policies.tiny_vla.readout import linear_readout, named_object_pixel, pixel_crops, residuals
+from policies.tiny_vla.readout import linear_readout, named_object_pixel, pixel_crops, pixel_patches, residuals
 
 ARCH = TinyVLAArch(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2)
 
@@ -33,6 +33,9 @@ def test_pixel_crops_are_centred_on_the_named_object(pairs):
     u, v = named_object_pixel(str(pairs["instruction"][0]), str(pairs["objects"][0]))
     centre = crops[0].reshape(6, 6, 3)[3, 3]
     assert torch.allclose(centre, torch.as_tensor(pairs["image"][0][v, u] / 255, dtype=torch.float32))
+    patches = pixel_patches(pairs, 8).reshape(6, 8, 8, 3)
+    top, left = v // 8 * 8, u // 8 * 8
+    assert torch.allclose(patches[0, v - top, u - left], centre)
 
 
 def test_residuals_read_the_object_patch_and_the_last_prompt_token(pairs, tmp_path):
