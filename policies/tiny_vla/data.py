@@ -59,19 +59,12 @@ def scene_seed(spec: DataSpec, index: int) -> int:
 def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
     env = TabletopEnv(image_size=spec.image_size, split=spec.split)
     codec = ActionCodec.for_env(env)
-    out: dict[str, list] = {k: [] for k in ("image", "objects", *SAMPLE_FIELDS)}
-    if spec.scene_texts:
-        from policies.hf import scene_text
-
-        out["scene_text"] = []
+    out: dict[str, list] = {k: [] for k in _scene_fields(spec) + SAMPLE_FIELDS}
     try:
         for i in range(start, stop):
             seed = scene_seed(spec, i)
             obs, _ = env.reset(seed=seed)
-            out["image"].append(obs["image"])
-            out["objects"].append(scene_objects(env, codec, spec.containers))
-            if spec.scene_texts:
-                out["scene_text"].append(scene_text(env.layout(), codec))
+            _add_scene(out, env, codec, spec, obs["image"])
             tasks = [env.task]
             rng = np.random.default_rng(seed)
             others = scene_combos(env.scene.spec, spec.split)
@@ -94,6 +87,20 @@ def _generate_range(spec: DataSpec, start: int, stop: int) -> dict:
     finally:
         env.close()
     return out
+
+
+def _scene_fields(spec: DataSpec) -> tuple[str, ...]:
+    return ("image", "objects", "scene_text") if spec.scene_texts else ("image", "objects")
+
+
+def _add_scene(out: dict[str, list], env: TabletopEnv, codec: ActionCodec, spec: DataSpec, image) -> None:
+    """Appends the scene ``env`` shows: its image, its objects and (with ``spec.scene_texts``) its text."""
+    out["image"].append(image)
+    out["objects"].append(scene_objects(env, codec, spec.containers))
+    if spec.scene_texts:
+        from policies.hf import scene_text
+
+        out["scene_text"].append(scene_text(env.layout(), codec))
 
 
 def _record(out: dict[str, list], env: TabletopEnv, codec: ActionCodec, task, scene: int, seed: int) -> None:
@@ -162,11 +169,7 @@ def pair_seed(spec: DataSpec, index: int) -> int:
 def _pair_range(spec: DataSpec, start: int, stop: int) -> dict:
     env = TabletopEnv(image_size=spec.image_size, split=spec.split)
     codec = ActionCodec.for_env(env)
-    out: dict[str, list] = {k: [] for k in ("image", "objects", *SAMPLE_FIELDS)}
-    if spec.scene_texts:
-        from policies.hf import scene_text
-
-        out["scene_text"] = []
+    out: dict[str, list] = {k: [] for k in _scene_fields(spec) + SAMPLE_FIELDS}
     t = template(VISION_TEMPLATE)
     combos = combos_in(t, spec.split)
     twins = {  # every blade combination with the safe ones of its colour (and person, region)
@@ -194,10 +197,7 @@ def _pair_range(spec: DataSpec, start: int, stop: int) -> dict:
             for combo, layout in ((blade, scene), (safe, twin)):
                 task = make_task(t, combo, phrasing, spec.split)
                 obs, _ = env.reset(seed=seed, options={"scene": layout, "instruction": task.instruction})
-                out["image"].append(obs["image"])
-                out["objects"].append(scene_objects(env, codec, spec.containers))
-                if spec.scene_texts:
-                    out["scene_text"].append(scene_text(env.layout(), codec))
+                _add_scene(out, env, codec, spec, obs["image"])
                 _record(out, env, codec, task, len(out["image"]) - 1, seed)
     finally:
         env.close()
