@@ -225,8 +225,7 @@ def _cached(path: Path | None, make_range, spec: DataSpec, n: int, workers: int)
             parts = list(pool.map(make_range, [spec] * len(chunks), *zip(*chunks, strict=True)))
     else:
         parts = [make_range(spec, a, b) for a, b in chunks]
-    data = parts[0]
-    data = {k: np.asarray(v) for k, v in data.items()}
+    data = {k: np.asarray(v) for k, v in parts[0].items()}
     for part in parts[1:]:
         data = append_scenes(data, {k: np.asarray(v) for k, v in part.items()})
     if path is not None:

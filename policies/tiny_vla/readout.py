@@ -35,14 +35,20 @@ def named_object_pixel(instruction: str, objects: str) -> tuple[int, int]:
     return u, v
 
 
+def _named_objects(data: dict):
+    """Per sample: its image in [0, 1] and the named object's pixel (u, v)."""
+    for i in range(len(data["command"])):
+        scene = data["scene"][i]
+        u, v = named_object_pixel(str(data["instruction"][i]), str(data["objects"][scene]))
+        yield np.asarray(data["image"][scene], dtype=np.float32) / 255, u, v
+
+
 def pixel_crops(data: dict, side: int) -> torch.Tensor:
     """Per sample, the ``side`` x ``side`` crop of its image centred on the named object, flattened, in [0, 1]
     (the image's edge pixels pad the border)."""
     half = side // 2
     out = []
-    for i in range(len(data["command"])):
-        u, v = named_object_pixel(str(data["instruction"][i]), str(data["objects"][data["scene"][i]]))
-        image = np.asarray(data["image"][data["scene"][i]], dtype=np.float32) / 255
+    for image, u, v in _named_objects(data):
         padded = np.pad(image, ((half, half), (half, half), (0, 0)), mode="edge")
         out.append(padded[v : v + side, u : u + side].ravel())
     return torch.as_tensor(np.stack(out))
@@ -52,9 +58,7 @@ def pixel_patches(data: dict, patch: int) -> torch.Tensor:
     """Per sample, the pixels of the vision tower's ``patch`` x ``patch`` patch (on the image's grid) that holds the
     named object's pixel, flattened, in [0, 1]: what one image token sees."""
     out = []
-    for i in range(len(data["command"])):
-        u, v = named_object_pixel(str(data["instruction"][i]), str(data["objects"][data["scene"][i]]))
-        image = np.asarray(data["image"][data["scene"][i]], dtype=np.float32) / 255
+    for image, u, v in _named_objects(data):
         top, left = v // patch * patch, u // patch * patch
         out.append(image[top : top + patch, left : left + patch].ravel())
     return torch.as_tensor(np.stack(out))
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out", type=int, default=100, help="pairs to score on (seed --held-out-seed)")
     parser.add_argument("--held-out-seed", type=int, default=9)
     parser.add_argument("--cache-dir", default=".cache/embodied")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
     args = parser.parse_args(argv)
     if args.pairs < 2 or args.held_out < 1:
         parser.error("--pairs must be >= 2 and --held-out >= 1")
